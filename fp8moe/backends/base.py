@@ -1,0 +1,63 @@
+"""The interface every GEMM backend implements.
+
+A backend computes the three GEMMs of one expert layer for the recipe in :mod:`fp8moe.quant` and owns
+whatever group plan it needs (built from ``offsets`` inside its own methods). The quantized weight is
+the one object shared between the forward and the backward, in one format for every backend:
+
+- ``wq`` (E, N, K) e4m3 and ``sw`` (E, N/128, K/128) fp32: the forward operand, 128x128 blocks;
+- ``wq_t`` (E, K, N) e4m3 and ``sw_t`` (E, K/128, N/128) fp32: the same values and scales transposed,
+  the dgrad operand (empty tensors when no dgrad will run).
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+
+class Backend(abc.ABC):
+    """Forward, dgrad and wgrad of ``y[rows of e] = x[rows of e] @ w[e].T`` in blockwise FP8."""
+
+    name: ClassVar[str]
+
+    @classmethod
+    def unavailable_reason(cls, device: torch.device) -> str | None:
+        """Why this backend cannot run on ``device`` (None when it can)."""
+        return None
+
+    def unsupported_reason(self, num_rows: int, n: int, k: int, num_groups: int) -> str | None:
+        """Why this backend cannot run a problem of this shape (None when it can)."""
+        return None
+
+    @abc.abstractmethod
+    def quantize_weight(self, w: Tensor, transposed: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """w (E, N, K) bf16/fp32 -> (wq, sw, wq_t, sw_t) as in the module docstring."""
+
+    @abc.abstractmethod
+    def forward(self, x: Tensor, wq: Tensor, sw: Tensor, offsets: Tensor, out_dtype: torch.dtype) -> Tensor:
+        """x (M, K) bf16/fp32 row-major, offsets (E,) int32 cumulative ends -> y (M, N) ``out_dtype``.
+
+        Rows at or past ``offsets[-1]`` are zero.
+        """
+
+    @abc.abstractmethod
+    def backward(
+        self,
+        dy: Tensor,
+        x: Tensor,
+        wq_t: Tensor,
+        sw_t: Tensor,
+        offsets: Tensor,
+        need_dx: bool,
+        need_dw: bool,
+        dx_dtype: torch.dtype,
+        dw_dtype: torch.dtype,
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """dy (M, N), x (M, K) -> (dx (M, K) ``dx_dtype`` or None, dw (E, N, K) ``dw_dtype`` or None).
+
+        dgrad uses ``dy`` in 1x128 tiles along N; wgrad uses ``dy`` and ``x`` in 128x1 token tiles within
+        each group (groups padded to 128 tokens with zeros). Rows of dx past ``offsets[-1]`` are zero.
+        """

@@ -1,0 +1,63 @@
+"""Helpers shared by the tests, the benchmarks and the experiments: error metrics and random routings."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def sqnr_db(reference: Tensor, test: Tensor) -> float:
+    """Signal-to-quantization-noise ratio ``10 log10(sum(ref^2) / sum((ref - test)^2))`` in dB, in float64.
+
+    ``inf`` when the two are identical; NaN in either input gives NaN.
+    """
+    if reference.shape != test.shape:
+        raise ValueError(f"test: expected shape {tuple(reference.shape)} (that of reference), got {tuple(test.shape)}")
+    ref = reference.detach().double().cpu()
+    noise = (ref - test.detach().double().cpu()).square().sum().item()
+    signal = ref.square().sum().item()
+    if math.isnan(noise) or math.isnan(signal):
+        return math.nan
+    if noise == 0:
+        return math.inf
+    return 10 * math.log10(signal / noise)
+
+
+def random_offsets(
+    num_rows: int,
+    num_groups: int,
+    *,
+    generator: torch.Generator | None = None,
+    empty_groups: int = 0,
+    tail_rows: int = 0,
+    skew: float | None = None,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """Random cumulative end offsets (E,) int32 for a ragged routing of ``num_rows`` rows.
+
+    ``empty_groups`` groups (chosen at random) get no rows, the last ``tail_rows`` rows belong to no group
+    (``offsets[-1] == num_rows - tail_rows``), and ``skew`` (a fraction in (0, 1)) gives one random group
+    that share of the routed rows.
+    """
+    if not 0 <= empty_groups < num_groups:
+        raise ValueError(f"empty_groups: expected 0 <= empty_groups < num_groups = {num_groups}, got {empty_groups}")
+    if not 0 <= tail_rows <= num_rows:
+        raise ValueError(f"tail_rows: expected 0 <= tail_rows <= num_rows = {num_rows}, got {tail_rows}")
+    routed = num_rows - tail_rows
+    order = torch.randperm(num_groups, generator=generator)
+    active = order[empty_groups:]
+    weights = torch.rand(active.numel(), generator=generator, dtype=torch.float64) + 0.05
+    sizes = torch.zeros(num_groups, dtype=torch.int64)
+    if skew is not None:
+        if not 0 < skew < 1:
+            raise ValueError(f"skew: expected a fraction in (0, 1), got {skew}")
+        heavy = int(round(skew * routed))
+        sizes[active[0]] = heavy
+        routed, active, weights = routed - heavy, active[1:], weights[1:]
+    if active.numel():
+        share = torch.floor(weights / weights.sum() * routed).long()
+        share[0] += routed - share.sum()
+        sizes[active] += share
+    return torch.cumsum(sizes, 0).to(torch.int32).to(device)

@@ -1,0 +1,88 @@
+"""Argument checks for the public ops: ``TypeError``/``ValueError`` naming the argument and the expectation."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fp8moe.quant.reference import BLOCK
+
+INPUT_DTYPES = (torch.bfloat16, torch.float32)
+OUTPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _tensor(name: str, t: object, ndim: int, dtypes: tuple[torch.dtype, ...]) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name}: expected dtype in {dtypes}, got {t.dtype}")
+    return t
+
+
+def _contiguous(name: str, t: Tensor) -> None:
+    if not t.is_contiguous():
+        raise ValueError(
+            f"{name}: expected a contiguous row-major tensor (strides {_row_major_strides(t)}), "
+            f"got strides {t.stride()}"
+        )
+
+
+def _row_major_strides(t: Tensor) -> tuple[int, ...]:
+    strides, acc = [], 1
+    for size in reversed(t.shape):
+        strides.append(acc)
+        acc *= size
+    return tuple(reversed(strides))
+
+
+def check_grouped_mm_args(
+    x: object, w: object, offsets: object, out_dtype: object, validate: bool = False
+) -> None:
+    """Check the arguments of :func:`fp8moe.grouped_mm` (see its docstring for the contract).
+
+    Shape, dtype, device and stride rules cost nothing and always run. The rules on the *values* of
+    ``offsets`` (non-negative, non-decreasing, last <= M) need a host read and run only when ``validate``.
+    """
+    x = _tensor("x", x, 2, INPUT_DTYPES)
+    w = _tensor("w", w, 3, INPUT_DTYPES)
+    offsets = _tensor("offsets", offsets, 1, (torch.int32,))
+    if not isinstance(out_dtype, torch.dtype) or out_dtype not in OUTPUT_DTYPES:
+        raise TypeError(f"out_dtype: expected one of {OUTPUT_DTYPES}, got {out_dtype!r}")
+    if w.device != x.device:
+        raise ValueError(f"w: expected device {x.device} (that of x), got {w.device}")
+    if offsets.device != x.device:
+        raise ValueError(f"offsets: expected device {x.device} (that of x), got {offsets.device}")
+    _contiguous("x", x)
+    _contiguous("w", w)
+    _contiguous("offsets", offsets)
+    m, k = x.shape
+    e, n, wk = w.shape
+    if k % BLOCK:
+        raise ValueError(f"x: K = x.shape[1] must be a multiple of {BLOCK}, got {k}")
+    if n % BLOCK:
+        raise ValueError(f"w: N = w.shape[1] must be a multiple of {BLOCK}, got {n}")
+    if wk != k:
+        raise ValueError(f"w: expected w.shape[2] == K == x.shape[1] == {k}, got {wk}")
+    if e == 0:
+        raise ValueError("w: expected at least one expert, got w.shape[0] == 0")
+    if offsets.numel() != e:
+        raise ValueError(f"offsets: expected shape ({e},) (one end offset per expert of w), got {tuple(offsets.shape)}")
+    if validate:
+        check_offsets_values(offsets, m)
+
+
+def check_offsets_values(offsets: Tensor, num_rows: int) -> None:
+    """Host-side check that ``offsets`` is non-negative, non-decreasing and ends at or before ``num_rows``."""
+    values = offsets.tolist()
+    if values and values[0] < 0:
+        raise ValueError(f"offsets: expected non-negative values, got offsets[0] = {values[0]}")
+    for i in range(1, len(values)):
+        if values[i] < values[i - 1]:
+            raise ValueError(
+                f"offsets: expected non-decreasing values, got offsets[{i}] = {values[i]} < "
+                f"offsets[{i - 1}] = {values[i - 1]}"
+            )
+    if values and values[-1] > num_rows:
+        raise ValueError(f"offsets: expected offsets[-1] <= M = {num_rows}, got {values[-1]}")
