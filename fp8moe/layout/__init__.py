@@ -132,3 +132,21 @@ def unpad_rows(y: Tensor, layout: GroupLayout) -> Tensor:
     valid = (dst >= 0).unsqueeze(1)
     gathered = y.index_select(0, dst.clamp(min=0))
     return torch.where(valid, gathered, torch.zeros((), dtype=y.dtype, device=y.device))
+
+
+def padded_output(layout: GroupLayout, cols: int, dtype: torch.dtype) -> Tensor:
+    """An uninitialised (num_padded_rows + 1, C) buffer whose extra last row is zero.
+
+    A GEMM writes the padded layout into ``buffer[:num_padded_rows]``; :func:`gather_padded_output` then
+    unpads it in one gather (rows past ``offsets[-1]`` read the zero row).
+    """
+    buffer = torch.empty(layout.num_padded_rows + 1, cols, dtype=dtype, device=layout.offsets.device)
+    buffer[-1].zero_()
+    return buffer
+
+
+def gather_padded_output(buffer: Tensor, layout: GroupLayout) -> Tensor:
+    """buffer (num_padded_rows + 1, C) from :func:`padded_output` -> (M, C) in unpadded row order."""
+    dst = layout.row_to_padded
+    index = torch.where(dst >= 0, dst, layout.num_padded_rows)
+    return buffer.index_select(0, index)
