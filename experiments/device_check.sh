@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The whole GPU check, run from the repo root on the H100 device machine (see the README):
+#   bash experiments/device_check.sh [stage ...]      stages: build test bench jax train (default: all)
+# `build` builds DeepGEMM from the sdist in .devcache/ (plus torchao for the peer benchmarks); `test`
+# runs the whole pytest suite (the CUDA tests run here); `bench`, `jax` and `train` run the benchmarks
+# and the training experiment. Logs and results are written to $LOGS and packed into $OUT/results.tgz
+# (the device tool brings back only a few files).
+set -uo pipefail
+OUT=${OUT:-/tmp/fp8moe-out}
+LOGS=${LOGS:-/tmp/fp8moe-logs}
+mkdir -p "$OUT" "$LOGS"
+export CUDA_HOME=/usr/local/cuda PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=$PWD
+stages=${*:-build test bench jax train}
+status=0
+run() {  # run <log name> <command...>: tee into $LOGS/<log name>, remember failures
+  local log=$1; shift
+  echo "== $* (log $log)"
+  "$@" 2>&1 | tee "$LOGS/$log" || status=1
+}
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader | tee "$LOGS/device.txt"
+for stage in $stages; do
+  case $stage in
+    build) run build.log bash .devcache/build_deepgemm.sh .devcache ;;
+    test) run pytest.log python -m pytest -q -ra tests ;;
+    bench)
+      run bench_kernels.log python experiments/bench_kernels.py --out "$LOGS"
+      run bench_grouped_mm.log python experiments/bench_grouped_mm.py --out "$LOGS" ;;
+    jax) run bench_jax.log python experiments/bench_jax.py --out "$LOGS" ;;
+    train) run train.log python experiments/train_moe.py --out "$LOGS/train" ;;
+    *) echo "unknown stage $stage"; status=2 ;;
+  esac
+done
+tar -czf "$OUT/results.tgz" -C "$LOGS" .
+exit $status

@@ -1,0 +1,115 @@
+"""DeepGEMM backend: all three GEMMs on DeepGEMM's SM90 grouped FP8 kernels, fed by our Triton quantizers.
+
+- forward: ``m_grouped_fp8_gemm_nt_contiguous`` on the 128-row-padded layout (per-row expert id, -1 on
+  padding rows), fp32 scales, output bf16 in the padded layout, unpadded by one gather;
+- dgrad: the same NT kernel with the transposed weight operand wq_t (E, K, N) (SM90 rejects FP8 operands
+  that are not K-major, so the NN variant cannot be used);
+- wgrad: ``k_grouped_fp8_gemm_nt_contiguous`` on the flat per-group token-tile operands, accumulating in
+  place into a zeroed fp32 (E, N, K) buffer (``c`` is ``d``). It needs the padded group sizes as a host
+  list: the one device-to-host read of the layer, issued at the start of the backward and waited for only
+  after the quantization kernels and the dgrad GEMM are queued, so the GPU never idles on it.
+The forward has no host synchronisation (CUDA-graph capturable).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import deep_gemm
+import torch
+from torch import Tensor
+
+from fp8moe.backends.base import Backend
+from fp8moe.layout import GroupLayout, gather_padded_output, padded_output, plan_groups
+from fp8moe.quant import triton as tq
+
+
+def _cuda_toolkit_reason() -> str | None:
+    """DeepGEMM compiles its kernels at first use with the CUDA toolkit's nvcc."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return None
+    if home is None and shutil.which("nvcc"):
+        return None
+    return f"DeepGEMM's JIT needs the CUDA toolkit (nvcc) under CUDA_HOME, got CUDA_HOME={home!r}"
+
+
+def _m_grouped_gemm(a: Tensor, sa: Tensor, b: Tensor, sb: Tensor, layout: GroupLayout, out_dtype: torch.dtype) -> Tensor:
+    """a (Mp, K) e4m3 with sa (K/128, Mp), b (E, N, K) e4m3 with sb (E, N/128, K/128) -> (M, N) out_dtype."""
+    d = padded_output(layout, b.shape[1], torch.bfloat16)
+    deep_gemm.m_grouped_fp8_gemm_nt_contiguous(
+        (a, sa.T), (b, sb), d[:-1], layout.row_expert,
+        recipe_a=(1, 128), recipe_b=(128, 128), disable_ue8m0_cast=True,
+    )
+    return gather_padded_output(d, layout).to(out_dtype)
+
+
+class DeepGEMMBackend(Backend):
+    name = "deepgemm"
+
+    @classmethod
+    def unavailable_reason(cls, device: torch.device) -> str | None:
+        if device.type != "cuda":
+            return f"needs a CUDA device, got {device.type}"
+        major, minor = torch.cuda.get_device_capability(device)
+        if major != 9:
+            return f"needs an SM90 GPU (H100/H200; the fp32-scale kernels are SM90-only), got sm_{major}{minor}"
+        return _cuda_toolkit_reason()
+
+    def quantize_weight(self, w: Tensor, transposed: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return tq.quantize_weight(w, transposed)
+
+    def forward(self, x: Tensor, wq: Tensor, sw: Tensor, offsets: Tensor, out_dtype: torch.dtype) -> Tensor:
+        layout = plan_groups(offsets, x.shape[0])
+        xq, sx = tq.quantize_rows_padded(x, layout)
+        return _m_grouped_gemm(xq, sx, wq, sw, layout, out_dtype)
+
+    def backward(
+        self,
+        dy: Tensor,
+        x: Tensor,
+        wq_t: Tensor,
+        sw_t: Tensor,
+        offsets: Tensor,
+        need_dx: bool,
+        need_dw: bool,
+        dx_dtype: torch.dtype,
+        dw_dtype: torch.dtype,
+    ) -> tuple[Tensor | None, Tensor | None]:
+        layout = plan_groups(offsets, x.shape[0])
+        if need_dw:  # start the one host read now; it is awaited only before the wgrad launch
+            ks_host = torch.empty(layout.num_groups, dtype=torch.int32, pin_memory=True)
+            ks_host.copy_(layout.padded_sizes, non_blocking=True)
+            ks_ready = torch.cuda.Event()
+            ks_ready.record()
+        if need_dx and need_dw:
+            dyq, sdy, dyt, sdyt = tq.quantize_grad_output(dy, layout)
+        elif need_dx:
+            dyq, sdy = tq.quantize_rows_padded(dy, layout)
+        else:
+            dyt, sdyt = tq.quantize_token_tiles(dy, layout)
+        dx = dw = None
+        if need_dw:
+            xt, sxt = tq.quantize_token_tiles(x, layout)
+        if need_dx:
+            dx = _m_grouped_gemm(dyq, sdy, wq_t, sw_t, layout, dx_dtype)
+        if need_dw:
+            ks_ready.synchronize()
+            ks = ks_host.tolist()
+            dw = self._wgrad(dyt, sdyt, xt, sxt, ks, layout, dw_dtype)
+        return dx, dw
+
+    @staticmethod
+    def _wgrad(
+        dyt: Tensor, sdyt: Tensor, xt: Tensor, sxt: Tensor, ks: list[int], layout: GroupLayout, dtype: torch.dtype
+    ) -> Tensor:
+        """dw (E, N, K) = per group dy_g^T x_g from the flat token-tile operands, accumulated in fp32."""
+        n, k = sdyt.shape[1], sxt.shape[1]
+        sum_k = sum(ks)
+        blocks = sum_k // 128
+        dw = torch.zeros(layout.num_groups, n, k, dtype=torch.float32, device=dyt.device)
+        deep_gemm.k_grouped_fp8_gemm_nt_contiguous(
+            (dyt[: n * sum_k], sdyt[:blocks].T), (xt[: k * sum_k], sxt[:blocks].T), dw, ks, layout.padded_sizes, c=dw,
+        )
+        return dw if dtype == torch.float32 else dw.to(dtype)

@@ -1,0 +1,120 @@
+"""Backend selection: "auto" rules, the FP8MOE_BACKEND override, explicit names never swapped, and
+optional-dependency failures (deep_gemm absent or broken) reported instead of crashing."""
+
+import importlib
+import sys
+import types
+
+import pytest
+import torch
+
+import fp8moe
+from fp8moe import backends
+from fp8moe.backends import ENV_VAR, select_backend
+
+
+@pytest.fixture
+def fresh_registry(monkeypatch):
+    """Forget imported backends so that monkeypatched imports take effect (and are forgotten afterwards)."""
+    for name in ("fp8moe.backends.deepgemm",):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    backends._load.cache_clear()
+    yield
+    backends._load.cache_clear()
+
+
+@pytest.fixture
+def fake_sm90(monkeypatch, tmp_path, fresh_registry):
+    """Pretend deep_gemm imports, the device is an SM90 GPU and the CUDA toolkit is present."""
+    monkeypatch.setitem(sys.modules, "deep_gemm", types.ModuleType("deep_gemm"))
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nvcc").touch()
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))
+    capability = {"value": (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability["value"])
+    return capability
+
+
+def shape():
+    return dict(num_rows=1024, n=256, k=256, num_groups=4)
+
+
+def test_auto_on_cpu_is_reference_with_a_reason(monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    selection = select_backend("auto", torch.device("cpu"), **shape())
+    assert selection.backend.name == "reference"
+    assert "cpu" in selection.reason
+    info = fp8moe.backend_info("cpu")
+    assert info["auto"] == "reference" and info["backends"]["reference"] is None
+    assert "needs a CUDA device" in info["backends"]["deepgemm"] or "import" in info["backends"]["deepgemm"]
+
+
+def test_environment_variable_overrides_auto(monkeypatch):
+    monkeypatch.setenv(ENV_VAR, "reference")
+    assert select_backend("auto", torch.device("cpu"), **shape()).reason.endswith(f"environment variable {ENV_VAR}")
+    assert fp8moe.backend_info("cpu")["auto"] == "reference"
+    monkeypatch.setenv(ENV_VAR, "fastest")
+    with pytest.raises(ValueError, match=f"environment variable {ENV_VAR}: unknown backend 'fastest'"):
+        select_backend("auto", torch.device("cpu"), **shape())
+
+
+def test_environment_variable_does_not_override_an_explicit_name(monkeypatch):
+    monkeypatch.setenv(ENV_VAR, "deepgemm")
+    assert select_backend("reference", torch.device("cpu"), **shape()).backend.name == "reference"
+
+
+@pytest.mark.parametrize("name", ["deepgemm", "triton"])
+def test_explicit_backend_that_cannot_run_raises_instead_of_swapping(name):
+    with pytest.raises(RuntimeError, match=f"argument backend: backend '{name}' cannot run: "):
+        select_backend(name, torch.device("cpu"), **shape())
+    x, w = torch.randn(256, 128), torch.randn(2, 128, 128)
+    with pytest.raises(RuntimeError, match=f"backend '{name}' cannot run"):
+        fp8moe.grouped_mm(x, w, torch.tensor([100, 256], dtype=torch.int32), backend=name)
+
+
+def test_deep_gemm_absent_is_reported_not_raised(monkeypatch, fresh_registry):
+    monkeypatch.setitem(sys.modules, "deep_gemm", None)  # makes `import deep_gemm` raise ImportError
+    importlib.reload(fp8moe)  # importing fp8moe never needs deep_gemm
+    info = fp8moe.backend_info("cpu")
+    assert "import of fp8moe.backends.deepgemm failed" in info["backends"]["deepgemm"]
+    assert "deep_gemm" in info["backends"]["deepgemm"]
+    with pytest.raises(RuntimeError, match="import of fp8moe.backends.deepgemm failed"):
+        select_backend("deepgemm", torch.device("cuda"), **shape())
+
+
+def test_deep_gemm_broken_at_import_is_reported(monkeypatch, tmp_path, fresh_registry):
+    """An installed deep_gemm whose extension fails to load (ABI mismatch) is reported, not raised."""
+    package = tmp_path / "deep_gemm"
+    package.mkdir()
+    (package / "__init__.py").write_text("raise OSError('_C.so: undefined symbol: _ZN3c10 (ABI mismatch)')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "deep_gemm", raising=False)
+    reason = fp8moe.backend_info("cpu")["backends"]["deepgemm"]
+    assert reason.startswith("import of fp8moe.backends.deepgemm failed: OSError: _C.so: undefined symbol")
+
+
+def test_deepgemm_needs_sm90_exactly(fake_sm90):
+    from fp8moe.backends.deepgemm import DeepGEMMBackend
+
+    cuda = torch.device("cuda", 0)
+    assert DeepGEMMBackend.unavailable_reason(cuda) is None
+    for capability in [(10, 0), (8, 0), (12, 0)]:
+        fake_sm90["value"] = capability
+        assert "needs an SM90 GPU" in DeepGEMMBackend.unavailable_reason(cuda)
+
+
+def test_deepgemm_needs_the_cuda_toolkit(fake_sm90, monkeypatch, tmp_path):
+    from fp8moe.backends.deepgemm import DeepGEMMBackend
+
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "nowhere"))
+    assert "CUDA toolkit" in DeepGEMMBackend.unavailable_reason(torch.device("cuda", 0))
+
+
+def test_auto_prefers_deepgemm_on_sm90_then_falls_back(fake_sm90, monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    cuda = torch.device("cuda", 0)
+    assert select_backend("auto", cuda, **shape()).backend.name == "deepgemm"
+    fake_sm90["value"] = (10, 0)
+    selection = select_backend("auto", cuda, **shape())
+    assert selection.backend.name != "deepgemm"
+    assert "deepgemm skipped (needs an SM90 GPU" in selection.reason
