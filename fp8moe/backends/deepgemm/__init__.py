@@ -94,6 +94,7 @@ class DeepGEMMBackend(Backend):
             xt, sxt = tq.quantize_token_tiles(x, layout)
         if need_dx:
             dx = _m_grouped_gemm(dyq, sdy, wq_t, sw_t, layout, dx_dtype)
+            del dyq, sdy  # free the dgrad operand before the fp32 wgrad buffer is allocated
         if need_dw:
             ks_ready.synchronize()
             ks = ks_host.tolist()
