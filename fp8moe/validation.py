@@ -57,8 +57,20 @@ def check_grouped_mm_args(
     _contiguous("x", x)
     _contiguous("w", w)
     _contiguous("offsets", offsets)
-    m, k = x.shape
-    e, n, wk = w.shape
+    check_grouped_mm_shapes(tuple(x.shape), tuple(w.shape), tuple(offsets.shape))
+    if validate:
+        check_offsets_values(offsets, x.shape[0])
+
+
+def check_grouped_mm_shapes(
+    x_shape: tuple[int, int], w_shape: tuple[int, int, int], offsets_shape: tuple[int]
+) -> None:
+    """The rules between the shapes of x (M, K), w (E, N, K) and offsets (E,), on plain tuples.
+
+    Framework-neutral (the torch op and the JAX bridge share it); the ranks are checked before.
+    """
+    k = x_shape[1]
+    e, n, wk = w_shape
     if k % BLOCK:
         raise ValueError(f"x: K = x.shape[1] must be a multiple of {BLOCK}, got {k}")
     if n % BLOCK:
@@ -67,10 +79,8 @@ def check_grouped_mm_args(
         raise ValueError(f"w: expected w.shape[2] == K == x.shape[1] == {k}, got {wk}")
     if e == 0:
         raise ValueError("w: expected at least one expert, got w.shape[0] == 0")
-    if offsets.numel() != e:
-        raise ValueError(f"offsets: expected shape ({e},) (one end offset per expert of w), got {tuple(offsets.shape)}")
-    if validate:
-        check_offsets_values(offsets, m)
+    if offsets_shape[0] != e:
+        raise ValueError(f"offsets: expected shape ({e},) (one end offset per expert of w), got {offsets_shape}")
 
 
 def check_offsets_values(offsets: Tensor, num_rows: int) -> None:

@@ -1,1 +1,24 @@
-"""JAX adapter for fp8moe (see jax_bridge.grouped_mm)."""
+"""JAX adapter for fp8moe: the blockwise-FP8 grouped GEMM as a differentiable JAX function, zero copy.
+
+- :func:`grouped_mm`: ``jax.custom_vjp`` whose forward and backward run fp8moe's torch backends inside
+  ``jax.experimental.buffer_callback`` (reference on CPU, Triton or DeepGEMM on GPU).
+- :func:`init_moe_params`, :func:`moe_layer`, :func:`route`: a top-k MoE SwiGLU layer built on it
+  (:mod:`jax_bridge.moe`).
+
+On a GPU set ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` (or ``XLA_PYTHON_CLIENT_MEM_FRACTION``) before
+importing jax, so that torch's allocator finds memory beside XLA's.
+"""
+
+from jax_bridge._grouped_mm import INPUT_DTYPES, OUTPUT_DTYPES, grouped_mm
+from jax_bridge.moe import PRECISIONS, Routing, init_moe_params, moe_layer, route
+
+__all__ = [
+    "INPUT_DTYPES",
+    "OUTPUT_DTYPES",
+    "PRECISIONS",
+    "Routing",
+    "grouped_mm",
+    "init_moe_params",
+    "moe_layer",
+    "route",
+]
