@@ -1,0 +1,71 @@
+"""Triton backend: the Triton quantization kernels of :mod:`fp8moe.quant.triton` feeding the Triton
+grouped GEMMs of :mod:`.kernels`; needs nothing but Triton and a Hopper-class GPU.
+
+- forward: x quantized 1x128 into the 128-row-padded grouped layout, M-grouped NT GEMM against the
+  128x128-quantized weight, output written straight to the unpadded rows;
+- dgrad: dy quantized 1x128 the same way (in the same pass as its token tiles when dw is needed), the
+  same M-grouped GEMM against the transposed weight operand (E, K, N);
+- wgrad: dy and x quantized into 128x1 per-group token tiles, K-grouped GEMM per expert writing dw once
+  in its final dtype.
+Nothing reads device memory on the host, so the whole forward and backward are CUDA-graph capturable
+(once the kernels are compiled and autotuned by an eager call).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fp8moe.backends.base import Backend
+from fp8moe.backends.triton.kernels import k_grouped_gemm, m_grouped_gemm
+from fp8moe.layout import plan_groups
+from fp8moe.quant import triton as tq
+
+
+class TritonBackend(Backend):
+    name = "triton"
+
+    @classmethod
+    def unavailable_reason(cls, device: torch.device) -> str | None:
+        if device.type != "cuda":
+            return f"needs a CUDA device, got {device.type}"
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 9:
+            return f"needs a GPU with TMA and FP8 tensor cores (compute capability 9.0 or newer), got sm_{major}{minor}"
+        return None
+
+    def quantize_weight(self, w: Tensor, transposed: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return tq.quantize_weight(w, transposed)
+
+    def forward(self, x: Tensor, wq: Tensor, sw: Tensor, offsets: Tensor, out_dtype: torch.dtype) -> Tensor:
+        layout = plan_groups(offsets, x.shape[0])
+        xq, sx = tq.quantize_rows_padded(x, layout)
+        return m_grouped_gemm(xq, sx, wq, sw, layout, out_dtype)
+
+    def backward(
+        self,
+        dy: Tensor,
+        x: Tensor,
+        wq_t: Tensor,
+        sw_t: Tensor,
+        offsets: Tensor,
+        need_dx: bool,
+        need_dw: bool,
+        dx_dtype: torch.dtype,
+        dw_dtype: torch.dtype,
+    ) -> tuple[Tensor | None, Tensor | None]:
+        layout = plan_groups(offsets, x.shape[0])
+        if need_dx and need_dw:
+            dyq, sdy, dyt, sdyt = tq.quantize_grad_output(dy, layout)
+        elif need_dx:
+            dyq, sdy = tq.quantize_rows_padded(dy, layout)
+        elif need_dw:
+            dyt, sdyt = tq.quantize_token_tiles(dy, layout)
+        dx = dw = None
+        if need_dx:
+            dx = m_grouped_gemm(dyq, sdy, wq_t, sw_t, layout, dx_dtype)
+            del dyq, sdy  # free the dgrad operand before the wgrad operands are allocated
+        if need_dw:
+            xt, sxt = tq.quantize_token_tiles(x, layout)
+            dw = k_grouped_gemm(dyt, sdyt, xt, sxt, layout, dw_dtype)
+        return dx, dw
