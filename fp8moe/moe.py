@@ -1,0 +1,150 @@
+"""A Mixture-of-Experts feed-forward layer (top-k softmax router, SwiGLU experts) on grouped GEMMs.
+
+``MoE(d_model, d_ff, num_experts, top_k, precision="fp8" | "bf16")`` runs its two expert GEMMs (the fused
+gate/up projection and the down projection) through :func:`fp8moe.grouped_mm` (blockwise FP8) or through
+``torch._grouped_mm`` in bf16, so the same model trains both ways. Everything else (router, permutation,
+SwiGLU, un-permutation) is identical in both precisions. The JAX twin is ``jax_bridge.moe.moe_layer``.
+
+Routing, for T tokens and E experts:
+- ``logits = x @ router.T`` in fp32, ``probs = softmax(logits)``; each token picks its ``top_k`` experts
+  and weighs them by ``topk_probs / sum(topk_probs)``;
+- the T * top_k (token, expert) assignments are sorted by expert with a stable sort, and the group
+  ``offsets`` (cumulative ends, int32) come from a scatter-add count; all on the device, no host sync;
+- ``aux_loss = E * sum_e f_e * P_e`` (Switch Transformer load balancing), ``f_e`` the fraction of the
+  assignments routed to expert e and ``P_e`` the mean router probability of e.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fp8moe.autograd import grouped_mm
+from fp8moe.backends import BACKEND_NAMES
+from fp8moe.quant.reference import BLOCK
+
+PRECISIONS = ("bf16", "fp8")
+
+
+class Routing(NamedTuple):
+    """Where each token goes, for T tokens, E experts and k = top_k (all on the tokens' device).
+
+    Attributes:
+        order: (T*k,) int64, the flat assignment (``token * k + slot``) at each expert-sorted position.
+        offsets: (E,) int32 cumulative end of each expert's group in the sorted order.
+        combine: (T, k) fp32 combine weights (each row sums to 1).
+        experts: (T, k) int64 chosen experts, in decreasing probability.
+        aux_loss: () fp32 load-balancing loss ``E * sum_e f_e * P_e``.
+    """
+
+    order: Tensor
+    offsets: Tensor
+    combine: Tensor
+    experts: Tensor
+    aux_loss: Tensor
+
+
+def route(x: Tensor, router_weight: Tensor, top_k: int) -> Routing:
+    """Top-k softmax routing of x (T, D) by router_weight (E, D); the logits are computed in fp32."""
+    num_experts = router_weight.shape[0]
+    with torch.autocast(x.device.type, enabled=False):
+        logits = x.float() @ router_weight.float().T
+    probs = logits.softmax(dim=-1)  # (T, E)
+    topk_probs, experts = probs.topk(top_k, dim=-1)
+    combine = topk_probs / topk_probs.sum(dim=-1, keepdim=True)
+    flat = experts.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
+    offsets = torch.cumsum(counts, 0).to(torch.int32)
+    fraction = counts.float() / flat.numel()
+    aux_loss = num_experts * (fraction * probs.mean(dim=0)).sum()
+    return Routing(order, offsets, combine, experts, aux_loss)
+
+
+class MoE(nn.Module):
+    """Top-k routed SwiGLU experts: ``y[t] = sum_j combine[t, j] * expert_{e_j}(x[t])``.
+
+    ``expert_e(v) = w_down[e] @ (silu(g) * u)`` with ``[g; u] = w_gate_up[e] @ v``.
+
+    Args:
+        d_model: D, model width (multiple of 128).
+        d_ff: F, expert hidden width (multiple of 128).
+        num_experts: E.
+        top_k: experts per token, ``1 <= top_k <= E``.
+        precision: "fp8" (:func:`fp8moe.grouped_mm`, blockwise FP8 with fp32 master weights) or "bf16"
+            (``torch._grouped_mm`` on the weights cast to bf16).
+        backend: fp8moe backend for ``precision="fp8"`` ("auto", "reference", "triton", "deepgemm").
+
+    Parameters: ``router.weight`` (E, D), ``w_gate_up`` (E, 2F, D) (rows [:F] gate, [F:] up), ``w_down``
+    (E, D, F), fp32, initialised N(0, 1/fan_in) (router N(0, 0.02^2)).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        precision: str = "fp8",
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        for name, value in (("d_model", d_model), ("d_ff", d_ff)):
+            if value <= 0 or value % BLOCK:
+                raise ValueError(f"{name}: expected a positive multiple of {BLOCK}, got {value}")
+        if num_experts < 1:
+            raise ValueError(f"num_experts: expected >= 1, got {num_experts}")
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k: expected 1 <= top_k <= num_experts = {num_experts}, got {top_k}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+        if backend not in BACKEND_NAMES:
+            raise ValueError(f"backend: expected one of {BACKEND_NAMES}, got {backend!r}")
+        self.d_model, self.d_ff, self.num_experts, self.top_k = d_model, d_ff, num_experts, top_k
+        self.precision, self.backend = precision, backend
+        self.router = nn.Linear(d_model, num_experts, bias=False)
+        self.w_gate_up = nn.Parameter(torch.empty(num_experts, 2 * d_ff, d_model))
+        self.w_down = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.router.weight, std=0.02)
+        nn.init.normal_(self.w_gate_up, std=1 / math.sqrt(self.d_model))
+        nn.init.normal_(self.w_down, std=1 / math.sqrt(self.d_ff))
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, d_ff={self.d_ff}, num_experts={self.num_experts}, top_k={self.top_k}, "
+            f"precision={self.precision!r}, backend={self.backend!r}"
+        )
+
+    def _expert_mm(self, x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
+        """Grouped GEMM ``x[rows of e] @ w[e].T`` in this layer's precision: x (M, K) bf16 -> (M, N) bf16."""
+        if self.precision == "bf16":
+            return torch._grouped_mm(x, w.to(torch.bfloat16).transpose(1, 2), offs=offsets)
+        return grouped_mm(x, w, offsets, backend=self.backend, out_dtype=torch.bfloat16)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x (..., D) -> (y (..., D) in x's dtype, aux_loss () fp32). Expert activations are bf16."""
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"x: expected last dimension d_model = {self.d_model}, got shape {tuple(x.shape)}")
+        tokens = x.reshape(-1, self.d_model)
+        num_tokens, k = tokens.shape[0], self.top_k
+        routing = route(tokens, self.router.weight, k)
+        # Gather from the flat (T*k, D) assignment list: unique indices, so the backward is deterministic.
+        assignments = tokens.to(torch.bfloat16).unsqueeze(1).expand(-1, k, -1).reshape(num_tokens * k, -1)
+        sorted_x = assignments.index_select(0, routing.order)
+        h = self._expert_mm(sorted_x, self.w_gate_up, routing.offsets)  # (T*k, 2F)
+        a = F.silu(h[:, : self.d_ff]) * h[:, self.d_ff :]
+        out = self._expert_mm(a, self.w_down, routing.offsets)  # (T*k, D), expert-sorted
+        inverse = torch.empty_like(routing.order).scatter_(
+            0, routing.order, torch.arange(routing.order.numel(), device=x.device)
+        )
+        per_token = out.index_select(0, inverse).view(num_tokens, k, self.d_model)
+        y = torch.bmm(routing.combine.to(out.dtype).unsqueeze(1), per_token).squeeze(1)
+        return y.to(x.dtype).reshape(x.shape), routing.aux_loss
