@@ -17,7 +17,7 @@ install: $(PY)
 
 run: install
 	$(PIP) matplotlib tqdm "jax>=0.6.1" chex
-	$(PY) experiments/demo.py
+	$(PY) experiments/train_moe.py
 
 test: install
 	$(PIP) pytest "jax>=0.6.1" chex triton matplotlib tqdm

@@ -1,0 +1,137 @@
+"""The training experiment's model in torch: a decoder-only transformer whose feed-forwards are ``fp8moe.moe.MoE``.
+
+Mixed precision: fp32 master weights and residual stream, every dense matmul and attention in bf16 through
+``torch.autocast``; the router runs in fp32 and the expert GEMMs in the MoE layer's own precision (bf16
+``torch._grouped_mm`` or blockwise FP8), so the two precisions differ only in the expert GEMMs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from _config import ModelConfig, TrainConfig
+from torch import Tensor, nn
+
+from fp8moe.moe import MoE
+
+NORM_EPS = 1e-6
+
+
+class Block(nn.Module):
+    """Pre-norm block: ``x + attn(norm(x))``, then ``x + moe(norm(x))``."""
+
+    def __init__(self, cfg: ModelConfig, precision: str, backend: str) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=NORM_EPS)
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.moe_norm = nn.RMSNorm(cfg.d_model, eps=NORM_EPS)
+        self.moe = MoE(cfg.d_model, cfg.d_ff, cfg.num_experts, cfg.top_k, precision=precision, backend=backend)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x (B, S, D) fp32 -> (x (B, S, D) fp32, aux_loss () fp32)."""
+        b, s, d = x.shape
+        q, k, v = self.qkv(self.attn_norm(x)).view(b, s, 3, self.num_heads, d // self.num_heads).unbind(2)
+        attn = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        x = x + self.proj(attn.transpose(1, 2).reshape(b, s, d))
+        y, aux = self.moe(self.moe_norm(x))
+        return x + y, aux
+
+
+class MoETransformer(nn.Module):
+    """Byte-level decoder-only MoE transformer. ``forward(tokens (B, S) int) -> (logits (B, S, V), aux ())``."""
+
+    def __init__(self, cfg: ModelConfig, precision: str, backend: str = "auto") -> None:
+        super().__init__()
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Parameter(torch.empty(cfg.seq_len, cfg.d_model))
+        self.blocks = nn.ModuleList(Block(cfg, precision, backend) for _ in range(cfg.num_layers))
+        self.norm = nn.RMSNorm(cfg.d_model, eps=NORM_EPS)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        for name, p in self.named_parameters():  # the MoE layers keep their own initialisation
+            if p.dim() == 2 and ".moe." not in name:
+                std = 0.02 / math.sqrt(2 * cfg.num_layers) if name.endswith("proj.weight") else 0.02
+                nn.init.normal_(p, std=std)
+
+    def forward(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        x = self.tok_emb(tokens) + self.pos_emb[: tokens.shape[1]]
+        aux = []
+        for block in self.blocks:
+            x, block_aux = block(x)
+            aux.append(block_aux)
+        return self.head(self.norm(x)), torch.stack(aux).mean()
+
+
+def build_model(cfg: ModelConfig, precision: str, backend: str, seed: int) -> MoETransformer:
+    """The model with its initial weights drawn on the CPU from ``seed`` (the same for every precision)."""
+    torch.manual_seed(seed)
+    return MoETransformer(cfg, precision, backend)
+
+
+def initial_weights(cfg: ModelConfig, seed: int) -> dict[str, np.ndarray]:
+    """The initial weights of :func:`build_model` as fp32 numpy arrays keyed by parameter name."""
+    return {n: p.detach().numpy() for n, p in build_model(cfg, "bf16", "auto", seed).named_parameters()}
+
+
+class TorchTrainer:
+    """One training run of :class:`MoETransformer` in torch: AdamW steps and held-out evaluation.
+
+    Args:
+        cfg, train_cfg: model and optimisation settings.
+        precision: "bf16" or "fp8" expert GEMMs; backend: fp8moe backend.
+        device: where to train; compile: wrap the model in ``torch.compile``.
+        seed: seeds the initial weights (the same for every precision and framework).
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        train_cfg: TrainConfig,
+        precision: str,
+        backend: str,
+        device: torch.device,
+        compile: bool,
+        seed: int,
+    ) -> None:
+        self.model = build_model(cfg, precision, backend, seed).to(device)
+        self.train_cfg, self.device = train_cfg, device
+        params = list(self.model.parameters())
+        groups = [  # weight decay on matrices and expert stacks, not on norm gains
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": train_cfg.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        self.optimizer = torch.optim.AdamW(
+            groups,
+            lr=train_cfg.lr,
+            betas=(train_cfg.beta1, train_cfg.beta2),
+            eps=train_cfg.eps,
+            fused=device.type == "cuda",
+        )
+        self.forward = torch.compile(self.model) if compile else self.model
+
+    def _losses(self, batch: np.ndarray) -> tuple[Tensor, Tensor]:
+        tokens = torch.from_numpy(batch).to(self.device, non_blocking=True).long()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16):
+            logits, aux = self.forward(tokens[:, :-1])
+        ce = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+        return ce, aux
+
+    def step(self, batch: np.ndarray, lr: float) -> float:
+        """One optimizer step on batch (B, S+1) int32 at learning rate ``lr``; returns the cross-entropy."""
+        ce, aux = self._losses(batch)
+        (ce + self.train_cfg.aux_coef * aux).backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_cfg.grad_clip)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return ce.item()
+
+    @torch.no_grad()
+    def evaluate(self, batches: list[np.ndarray]) -> float:
+        """Mean cross-entropy over ``batches``."""
+        return float(np.mean([self._losses(b)[0].item() for b in batches]))

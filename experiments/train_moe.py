@@ -1,0 +1,309 @@
+"""Does a MoE language model still train with FP8 expert GEMMs? bf16 vs fp8, in torch and in JAX.
+
+Trains a small byte-level decoder-only transformer with MoE feed-forwards (top-k router, SwiGLU experts
+on grouped GEMMs) once per (framework, precision), from the same initial weights on the same batches,
+and compares the loss curves. Only the expert GEMMs differ between the precisions: bf16
+(``torch._grouped_mm`` / ``jax.lax.ragged_dot``) or blockwise FP8 (``fp8moe.grouped_mm`` /
+``jax_bridge.grouped_mm``); the rest of the model runs in bf16 autocast-style mixed precision in both.
+
+Data: the Python standard library's source files by default (``--data PATH`` for a text file or folder),
+split by file into train and held-out sets (see ``experiments/data.py``).
+
+Writes to ``--out`` (default ``experiments/runs/<date>-<size>``): one JSON log per run, ``loss.png``
+(train and held-out loss of every run) and ``summary.md`` (the table printed at the end).
+
+    python experiments/train_moe.py                      # all four runs at the size for this machine
+    python experiments/train_moe.py --framework torch --precision fp8 --steps 300 --size cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+# torch and JAX share the GPU in one process: JAX must not grab 75% of it up front.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import numpy as np
+import torch
+from _config import SIZES, ModelConfig, TrainConfig, lr_at
+from data import Corpus, held_out_batches, load_corpus, train_batch
+from tqdm import tqdm
+
+import fp8moe
+from fp8moe.backends import select_backend
+
+FRAMEWORKS = ("torch", "jax")
+PRECISIONS = ("bf16", "fp8")
+GAP_TARGET_PCT = 1.5
+
+
+@dataclasses.dataclass
+class RunLog:
+    """What one run records (written as its JSON log)."""
+
+    framework: str
+    precision: str
+    expert_gemms: str
+    device: str
+    steps: int
+    tokens_per_step: int
+    train_loss: list[float] = dataclasses.field(default_factory=list)
+    held_out: list[tuple[int, float]] = dataclasses.field(default_factory=list)
+    step_ms: list[float] = dataclasses.field(default_factory=list)
+    wall_s: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return f"{self.framework} {self.precision}"
+
+    @property
+    def ms_per_step(self) -> float:
+        """Median step time, leaving out the first 10% of steps (compilation, autotuning, warm-up)."""
+        return statistics.median(self.step_ms[len(self.step_ms) // 10 :])
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_per_step / (self.ms_per_step / 1e3)
+
+    @property
+    def final_train_loss(self) -> float:
+        """Mean training loss of the last 5% of steps (one step's loss is noisy)."""
+        return float(np.mean(self.train_loss[-max(1, len(self.train_loss) // 20) :]))
+
+    @property
+    def final_held_out_loss(self) -> float:
+        return self.held_out[-1][1]
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self) | {
+            "ms_per_step": self.ms_per_step,
+            "tokens_per_s": self.tokens_per_s,
+            "final_train_loss": self.final_train_loss,
+            "final_held_out_loss": self.final_held_out_loss,
+        }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--framework", choices=(*FRAMEWORKS, "both"), default="both")
+    parser.add_argument("--precision", choices=(*PRECISIONS, "both"), default="both")
+    parser.add_argument(
+        "--backend", default="auto", choices=fp8moe.BACKEND_NAMES, help="fp8moe backend of the fp8 runs"
+    )
+    parser.add_argument("--size", choices=tuple(SIZES), default="gpu" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, help="optimizer steps (default: the size's)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the initial weights and the batches")
+    parser.add_argument("--data", type=Path, help="a text file or folder (default: the Python stdlib sources)")
+    parser.add_argument("--out", type=Path, help="output folder (default: experiments/runs/<date>-<size>)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the torch model")
+    args = parser.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps: expected >= 1, got {args.steps}")
+    return args
+
+
+def expert_gemms(precision: str, backend: str, device: torch.device, cfg: ModelConfig, tokens: int) -> str:
+    """What runs the expert GEMMs of a run (the fp8moe backend that "auto" resolves to for this shape)."""
+    if precision == "bf16":
+        return "bf16"
+    rows = tokens * cfg.top_k
+    return "fp8 " + select_backend(backend, device, rows, 2 * cfg.d_ff, cfg.d_model, cfg.num_experts).backend.name
+
+
+def jax_unavailable_reason() -> str | None:
+    try:
+        import jax_bridge.moe  # noqa: F401
+    except ImportError as exc:
+        return f"jax_bridge.moe is not importable ({exc})"
+    return None
+
+
+def train(trainer, log: RunLog, corpus: Corpus, train_cfg: TrainConfig, seq_len: int, seed: int) -> None:
+    """Run ``train_cfg.steps`` optimizer steps of ``trainer``, recording losses and step times in ``log``."""
+    evals = held_out_batches(corpus.held_out, train_cfg.eval_batches, train_cfg.batch_size, seq_len)
+    log.held_out.append((0, trainer.evaluate(evals)))
+    start = time.perf_counter()
+    with tqdm(range(train_cfg.steps), desc=f"{log.name:>10}", unit="step", dynamic_ncols=True) as bar:
+        for step in bar:
+            batch = train_batch(corpus.train, step, train_cfg.batch_size, seq_len, seed)
+            t0 = time.perf_counter()
+            loss = trainer.step(batch, lr_at(step, train_cfg))
+            log.step_ms.append((time.perf_counter() - t0) * 1e3)
+            log.train_loss.append(loss)
+            if not np.isfinite(loss):
+                raise FloatingPointError(f"{log.name}: training loss became {loss} at step {step}")
+            if (step + 1) % train_cfg.eval_every == 0 or step + 1 == train_cfg.steps:
+                log.held_out.append((step + 1, trainer.evaluate(evals)))
+            bar.set_postfix(
+                loss=f"{loss:.3f}",
+                held_out=f"{log.held_out[-1][1]:.3f}",
+                tok_s=f"{log.tokens_per_step / log.step_ms[-1] * 1e3:,.0f}",
+                refresh=False,
+            )
+    log.wall_s = time.perf_counter() - start
+
+
+def summary_table(logs: list[RunLog]) -> str:
+    """Markdown table (final losses, held-out gap of fp8 vs bf16 of the same framework, speed) and, when
+    both frameworks ran, their held-out spread at equal precision: the run-to-run noise of the gap."""
+    bf16 = {log.framework: log for log in logs if log.precision == "bf16"}
+    tail = max(1, logs[0].steps // 20)
+    columns = ["run", "expert GEMMs", f"train loss (last {tail} steps)", "held-out loss", "held-out gap vs bf16"]
+    columns += ["tokens/s", "ms/step", "speed-up vs bf16"]
+    lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+    for log in logs:
+        ref = bf16.get(log.framework)
+        gap = speedup = "-"
+        if ref is not None and log is not ref:
+            pct = relative_pct(log.final_held_out_loss, ref.final_held_out_loss)
+            gap = f"{pct:+.2f}% ({'meets' if pct <= GAP_TARGET_PCT else 'misses'} <= +{GAP_TARGET_PCT}%)"
+            speedup = f"{ref.ms_per_step / log.ms_per_step:.2f}x"
+        lines.append(
+            f"| {log.name} | {log.expert_gemms} | {log.final_train_loss:.4f} | {log.final_held_out_loss:.4f} | {gap} | "
+            f"{log.tokens_per_s:,.0f} | {log.ms_per_step:.1f} | {speedup} |"
+        )
+    held_out = {(log.framework, log.precision): log.final_held_out_loss for log in logs}
+    spreads = [
+        f"{precision} {relative_pct(held_out['jax', precision], held_out['torch', precision]):+.2f}%"
+        for precision in PRECISIONS
+        if ("torch", precision) in held_out and ("jax", precision) in held_out
+    ]
+    if spreads:
+        lines.append(
+            f"\nSame weights, same batches, other framework (JAX vs torch held-out loss): {', '.join(spreads)}; "
+            "gaps of that size are numerical noise of the trajectory, not an effect of the precision."
+        )
+    return "\n".join(lines)
+
+
+def relative_pct(value: float, reference: float) -> float:
+    return 100 * (value - reference) / reference
+
+
+def plot(logs: list[RunLog], title: str, path: Path) -> None:
+    """Train loss (moving average over 1/30 of the run, raw in light) and held-out loss of every run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_train, ax_eval) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    colors = {"torch": "tab:blue", "jax": "tab:orange"}
+    styles = {"bf16": "-", "fp8": "--"}
+    for log in logs:
+        color, style = colors[log.framework], styles[log.precision]
+        steps = np.arange(1, len(log.train_loss) + 1)
+        window = max(1, len(steps) // 30)
+        smooth = np.convolve(log.train_loss, np.full(window, 1 / window), mode="valid")
+        ax_train.plot(steps, log.train_loss, color=color, alpha=0.15, linewidth=0.8)
+        ax_train.plot(
+            steps[window - 1 :], smooth, color=color, linestyle=style, label=f"{log.name} ({log.expert_gemms})"
+        )
+        eval_steps, eval_losses = zip(*log.held_out)
+        ax_eval.plot(eval_steps, eval_losses, color=color, linestyle=style, marker="o", markersize=3, label=log.name)
+    ax_train.set(title="train loss (moving average)", xlabel="step", ylabel="cross-entropy (nats/byte)")
+    ax_eval.set(title="held-out loss", xlabel="step")
+    for ax in (ax_train, ax_eval):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> list[RunLog]:
+    args = parse_args(argv)
+    cfg, train_cfg = SIZES[args.size]
+    if args.steps is not None:
+        train_cfg = dataclasses.replace(train_cfg, steps=args.steps)
+    frameworks = FRAMEWORKS if args.framework == "both" else (args.framework,)
+    precisions = PRECISIONS if args.precision == "both" else (args.precision,)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    out = args.out or Path(__file__).parent / "runs" / f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{args.size}"
+    out.mkdir(parents=True, exist_ok=True)
+
+    skipped = {}
+    if "jax" in frameworks and (reason := jax_unavailable_reason()):
+        if args.framework == "jax":
+            sys.exit(f"--framework jax: {reason}")
+        skipped["jax"] = reason
+        frameworks = tuple(f for f in frameworks if f != "jax")
+
+    corpus = load_corpus(args.data)
+    device_name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    )
+    tokens = train_cfg.batch_size * cfg.seq_len
+    print(f"{date} on {device_name}; fp8moe backend auto: {fp8moe.backend_info(device)['auto']}")
+    print(f"data: {corpus.source} ({corpus.num_files} files, {corpus.train.size:,} train bytes, ", end="")
+    print(f"{corpus.held_out.size:,} held-out bytes)")
+    print(f"model ({args.size}): {cfg}\ntraining: {train_cfg}, {tokens} tokens/step")
+    for framework, reason in skipped.items():
+        print(f"skipping {framework}: {reason}")
+
+    logs = []
+    for framework in frameworks:
+        for precision in precisions:
+            if framework == "torch":
+                from _model_torch import TorchTrainer
+
+                trainer = TorchTrainer(cfg, train_cfg, precision, args.backend, device, args.compile, args.seed)
+                run_device = device
+            else:
+                import jax
+                from _model_jax import JaxTrainer
+                from _model_torch import initial_weights
+
+                trainer = JaxTrainer(cfg, train_cfg, precision, args.backend, initial_weights(cfg, args.seed))
+                run_device = torch.device("cpu" if jax.default_backend() == "cpu" else "cuda")
+            log = RunLog(
+                framework,
+                precision,
+                expert_gemms(precision, args.backend, run_device, cfg, tokens),
+                str(run_device),
+                train_cfg.steps,
+                tokens,
+            )
+            train(trainer, log, corpus, train_cfg, cfg.seq_len, args.seed)
+            del trainer
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            (out / f"{framework}_{precision}.json").write_text(
+                json.dumps(
+                    log.to_json()
+                    | {
+                        "model": dataclasses.asdict(cfg),
+                        "train": dataclasses.asdict(train_cfg),
+                        "data": corpus.source,
+                        "seed": args.seed,
+                        "date": date,
+                        "device_name": device_name,
+                    },
+                    indent=1,
+                )
+            )
+            logs.append(log)
+
+    title = f"{args.size} size, {train_cfg.steps} steps, {tokens} tokens/step - {device_name} - {date}"
+    table = summary_table(logs)
+    (out / "summary.md").write_text(f"{title}\n\n{table}\n")
+    plot(logs, title, out / "loss.png")
+    print(f"\n{title}\n{table}\nwrote {out}/summary.md, loss.png and one JSON log per run")
+    return logs
+
+
+if __name__ == "__main__":
+    main()

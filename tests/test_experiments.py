@@ -1,0 +1,172 @@
+"""Smoke and unit tests of the experiments (CPU, small): data, schedule, torch/JAX model twins, train_moe, compare."""
+
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "experiments"))
+
+import compare
+import train_moe
+from _config import SIZES, TrainConfig, lr_at
+from data import held_out_batches, load_corpus, stdlib_path, train_batch
+
+from fp8moe.testing import sqnr_db
+
+JAX_MISSING = train_moe.jax_unavailable_reason()
+
+
+def write_corpus(root: Path, num_files: int = 120) -> dict[str, bytes]:
+    contents = {}
+    for i in range(num_files):
+        path = root / f"pkg{i % 3}" / f"mod{i:03d}.py"
+        path.parent.mkdir(exist_ok=True)
+        contents[path.relative_to(root).as_posix()] = f"# file {i}\ndef f{i}(x):\n    return x * {i}\n".encode() * 5
+        path.write_bytes(contents[path.relative_to(root).as_posix()])
+    (root / "blob.bin").write_bytes(b"\x00binary" * 10)
+    (root / "site-packages").mkdir()
+    (root / "site-packages" / "skipped.py").write_bytes(b"print('not part of the corpus')\n")
+    return contents
+
+
+def test_corpus_splits_by_file_deterministically(tmp_path):
+    contents = write_corpus(tmp_path)
+    corpus = load_corpus(tmp_path, held_out_fraction=0.2)
+    again = load_corpus(tmp_path, held_out_fraction=0.2)
+    assert np.array_equal(corpus.train, again.train) and np.array_equal(corpus.held_out, again.held_out)
+    assert corpus.num_files == len(contents)
+    train, held = corpus.train.tobytes(), corpus.held_out.tobytes()
+    held_files = [c for c in contents.values() if c in held]
+    assert 0 < len(held_files) < len(contents) / 2
+    for content in contents.values():  # every file lies whole in exactly one split
+        assert (content in train) != (content in held)
+    assert b"binary" not in train + held and b"not part of the corpus" not in train + held
+    assert len(train) + len(held) == sum(map(len, contents.values())) + len(contents) - 2  # newline joins
+
+
+def test_single_file_is_split_by_bytes(tmp_path):
+    path = tmp_path / "book.txt"
+    path.write_bytes(b"".join(f"line {i}\n".encode() for i in range(1000)))
+    corpus = load_corpus(path, held_out_fraction=0.1)
+    assert corpus.train.size == int(0.9 * path.stat().st_size)
+    assert corpus.train.tobytes() + corpus.held_out.tobytes() == path.read_bytes()
+
+
+def test_default_corpus_is_the_stdlib_sources():
+    corpus = load_corpus()
+    assert corpus.source == str(stdlib_path())
+    assert corpus.num_files > 300
+    assert 0.01 < corpus.held_out.size / (corpus.train.size + corpus.held_out.size) < 0.15
+    assert b"def " in corpus.train[:100_000].tobytes()
+
+
+def test_batches_are_fixed_windows_of_the_data():
+    data = np.frombuffer(bytes(range(256)) * 50, dtype=np.uint8)
+    batch = train_batch(data, 3, 4, 16, seed=1)
+    assert batch.shape == (4, 17) and batch.dtype == np.int32
+    assert np.array_equal(batch, train_batch(data, 3, 4, 16, seed=1))
+    assert not np.array_equal(batch, train_batch(data, 4, 4, 16, seed=1))
+    assert np.all(np.diff(batch, axis=1) % 256 == 1)  # contiguous windows of the byte ramp
+    evals = held_out_batches(data, 3, 2, 16)
+    assert len(evals) == 3 and evals[0].shape == (2, 17)
+    assert evals[0][0, 0] == 0 and evals[-1][-1, -1] == data[-1]
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    cfg = TrainConfig(batch_size=1, steps=200, lr=1e-3, warmup_fraction=0.1, min_lr_ratio=0.1)
+    lrs = [lr_at(s, cfg) for s in range(cfg.steps)]
+    assert lrs[0] == pytest.approx(1e-3 / 20) and lrs[19] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in itertools.pairwise(lrs[19:]))
+    assert lrs[-1] == pytest.approx(1e-4, rel=1e-3)
+
+
+@pytest.mark.skipif(JAX_MISSING is not None, reason=str(JAX_MISSING))
+@pytest.mark.parametrize("precision, min_logits_db", [("bf16", 30), ("fp8", 18)])
+def test_torch_and_jax_models_compute_the_same_function(precision, min_logits_db, monkeypatch):
+    """Stage by stage: the attention path agrees to bf16 rounding, each MoE layer maps the same input to the
+    same output, and end to end the logits agree as far as routing and FP8 rounding flips let them (small
+    input differences flip bf16/e4m3 roundings inside the MoE and compound over the layers)."""
+    import _model_jax
+    import jax.numpy as jnp
+    from _model_torch import build_model, initial_weights
+
+    cfg = SIZES["cpu"][0]
+    tokens = train_batch(np.frombuffer(b"def main():\n    return 0\n" * 200, dtype=np.uint8), 0, 2, cfg.seq_len, 0)
+    model = build_model(cfg, precision, "reference", seed=3)
+    weights = initial_weights(cfg, seed=3)
+    assert all(np.array_equal(weights[n], p.detach().numpy()) for n, p in model.named_parameters())
+    with torch.no_grad():  # a decisive router: near-uniform initial routing flips on any rounding difference
+        for block in model.blocks:
+            block.moe.router.weight.mul_(50)
+    torch_inputs = []
+    for block in model.blocks:
+        block.moe.register_forward_pre_hook(lambda module, args: torch_inputs.append(args[0].float()))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, _ = model(torch.from_numpy(tokens[:, :-1]).long())
+
+    jax_calls = []
+
+    def recording_moe_layer(params, x, **kwargs):
+        y, aux = moe_layer(params, x, **kwargs)
+        jax_calls.append((x, y))
+        return y, aux
+
+    moe_layer = _model_jax.moe_layer
+    monkeypatch.setattr(_model_jax, "moe_layer", recording_moe_layer)
+    params = _model_jax.params_from_torch({n: p.detach().numpy() for n, p in model.named_parameters()}, cfg)
+    logits_jax, _ = _model_jax.forward(params, jnp.asarray(tokens[:, :-1]), cfg, precision, "reference")
+
+    def to_torch(a):
+        return torch.from_numpy(np.array(a.astype(jnp.float32)))
+
+    assert sqnr_db(torch_inputs[0].reshape(-1, cfg.d_model), to_torch(jax_calls[0][0])) >= 50
+    for block, (x, y) in zip(model.blocks, jax_calls, strict=True):
+        with torch.no_grad():
+            assert sqnr_db(block.moe(to_torch(x))[0], to_torch(y)) >= 60
+    assert sqnr_db(logits.float(), to_torch(logits_jax)) >= min_logits_db
+    ce = torch.nn.functional.cross_entropy(
+        logits.float().flatten(0, 1), torch.from_numpy(tokens[:, 1:]).long().flatten()
+    )
+    ce_jax = _model_jax.cross_entropy(logits_jax, jnp.asarray(tokens[:, 1:]))
+    assert float(ce_jax) == pytest.approx(ce.item(), rel=1e-3)
+
+
+def test_train_moe_runs_learns_and_reports(tmp_path, capsys):
+    data = stdlib_path() / "json"
+    logs = train_moe.main(["--size", "cpu", "--steps", "12", "--data", str(data), "--out", str(tmp_path)])
+    runs = {(log.framework, log.precision) for log in logs}
+    frameworks = ("torch",) if JAX_MISSING else ("torch", "jax")
+    assert runs == {(f, p) for f in frameworks for p in ("bf16", "fp8")}
+    for log in logs:
+        record = json.loads((tmp_path / f"{log.framework}_{log.precision}.json").read_text())
+        assert len(record["train_loss"]) == 12 and all(np.isfinite(record["train_loss"]))
+        held_out = [loss for _, loss in record["held_out"]]
+        assert held_out[0] > 5.0 and held_out[-1] < held_out[0] - 0.5  # from ~ln(256) down: it learns
+        assert record["ms_per_step"] > 0 and record["model"]["d_model"] == SIZES["cpu"][0].d_model
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| torch fp8 | fp8 reference |" in summary and "held-out gap vs bf16" in summary
+    assert (tmp_path / "loss.png").stat().st_size > 10_000
+    assert summary.splitlines()[-1] in capsys.readouterr().out
+
+
+def test_compare_reports_every_implementation_against_the_float64_recipe(capsys):
+    report = compare.main(["--rows", "300", "--n", "128", "--k", "256", "--experts", "4", "--routing", "tail"])
+    results = report.results
+    assert {"float64 recipe", "float64 exact", "torch bf16", "fp8moe reference"} <= set(results)
+    y_ref, dx_ref, dw_ref = results["float64 recipe"]
+    y, dx, dw = results["fp8moe reference"]
+    assert sqnr_db(dw_ref, dw) >= 100  # fp32 result of the same recipe
+    assert sqnr_db(y_ref, y) >= 45 and sqnr_db(dx_ref, dx) >= 45  # bf16 results of the same recipe
+    assert 20 <= sqnr_db(results["float64 exact"][0], y) <= 35  # the FP8 quantization error itself
+    assert sqnr_db(results["float64 exact"][2], results["torch bf16"][2]) >= 45
+    assert torch.equal(results["torch bf16"][0][-60:], torch.zeros_like(y[-60:]))  # unrouted tail rows
+    assert not report.mismatches
+    if "jax bridge reference" in results:
+        assert all(torch.equal(a, b) for a, b in zip(results["jax bridge reference"], results["fp8moe reference"]))
+    out = capsys.readouterr().out
+    assert "pairwise SQNR (dB) of dw" in out
