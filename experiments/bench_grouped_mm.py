@@ -11,10 +11,12 @@ TFLOP/s and the peak memory of one forward + backward.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -58,6 +60,25 @@ def make_offsets(routing: str, rows: int, experts: int, device: str) -> torch.Te
     return random_offsets(rows, experts, generator=gen, device=device)
 
 
+@contextlib.contextmanager
+def environment(env: dict[str, str]) -> Iterator[None]:
+    """Set ``env`` in os.environ for the duration of the block."""
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                del os.environ[key]
+            else:
+                os.environ[key] = value
+
+
+# Cases that are an fp8moe backend run under an environment setting (forward and backward).
+CASE_ENV = {"fp8moe deepgemm (Triton wgrad)": {"FP8MOE_DEEPGEMM_WGRAD": "triton"}}
+
+
 def differentiable_cases(offsets: torch.Tensor) -> dict[str, Callable]:
     """name -> f(x, w) -> y for every differentiable implementation available here."""
     cases: dict[str, Callable] = {
@@ -67,6 +88,8 @@ def differentiable_cases(offsets: torch.Tensor) -> dict[str, Callable]:
     for name, reason in info["backends"].items():
         if reason is None and name != "reference":
             cases[f"fp8moe {name}"] = lambda x, w, name=name: fp8moe.grouped_mm(x, w, offsets, backend=name)
+    if info["backends"].get("deepgemm") is None:
+        cases["fp8moe deepgemm (Triton wgrad)"] = cases["fp8moe deepgemm"]
     try:
         from torchao.prototype.moe_training.blockwise_fp8.grouped_mm import (
             _to_fp8_blockwise_then_scaled_grouped_mm as torchao_mm,
@@ -97,10 +120,12 @@ def time_case(fn: Callable, x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor) 
 
 
 def raw_deepgemm_rows(x, w, dy, offsets) -> list[tuple[str, float, float]]:
-    """(name, ms, TFLOP/s) of DeepGEMM's three kernels alone, on operands quantized by fp8moe's kernels."""
+    """(name, ms, TFLOP/s) of DeepGEMM's three kernels and the Triton backend's alone, on the same operands
+    quantized by fp8moe's kernels (the Triton ones write unpadded rows, DeepGEMM's the padded layout)."""
     import deep_gemm
 
     from fp8moe.backends.deepgemm import DeepGEMMBackend
+    from fp8moe.backends.triton.kernels import k_grouped_gemm, m_grouped_gemm
     from fp8moe.layout import plan_groups
     from fp8moe.quant import triton as tq
 
@@ -124,8 +149,14 @@ def raw_deepgemm_rows(x, w, dy, offsets) -> list[tuple[str, float, float]]:
             (dyq, sdy.T), (wq_t, sw_t), dx_pad, layout.row_expert, **recipe
         ),
         "DeepGEMM k-grouped NT (wgrad, fp32 out)": lambda: DeepGEMMBackend._wgrad(
-            dyt, sdyt, xt, sxt, ks, layout, torch.float32
+            dyt, sdyt, xt, sxt, ks, layout, torch.float32, None
         ),
+        "DeepGEMM k-grouped NT (wgrad, + cast to bf16)": lambda: DeepGEMMBackend._wgrad(
+            dyt, sdyt, xt, sxt, ks, layout, torch.bfloat16, None
+        ),
+        "Triton m-grouped (forward)": lambda: m_grouped_gemm(xq, sx, wq, sw, layout, torch.bfloat16),
+        "Triton m-grouped (dgrad)": lambda: m_grouped_gemm(dyq, sdy, wq_t, sw_t, layout, torch.bfloat16),
+        "Triton k-grouped (wgrad, bf16 out)": lambda: k_grouped_gemm(dyt, sdyt, xt, sxt, layout, torch.bfloat16),
     }
     times = {name: median_ms(fn) for name, fn in kernels.items()}
     return [(name, t, flops / t / 1e9) for name, t in times.items()]
@@ -168,7 +199,8 @@ def main() -> None:
         rows = []
         for name, fn in differentiable_cases(offsets).items():
             try:
-                row = time_case(fn, x, w, dy)
+                with environment(CASE_ENV.get(name, {})):
+                    row = time_case(fn, x, w, dy)
             except Exception as exc:  # report a peer that fails instead of losing the whole table
                 row = Row(case=name, note=f"failed: {type(exc).__name__}: {str(exc)[:120]}")
             row.case = name

@@ -4,7 +4,8 @@
 # `build` builds DeepGEMM from the sdist in .devcache/ (plus torchao for the peer benchmarks); `test`
 # runs the whole pytest suite (the CUDA tests run here); `bench`, `jax` and `train` run the benchmarks
 # and the training experiment. Logs and results are written to $LOGS and packed into $OUT/results.tgz
-# (the device tool brings back only a few files).
+# after every stage (the device tool brings back only a few files, and a call cut off by its time limit
+# still returns what finished). TRAIN_ARGS adds flags to train_moe.py (e.g. "--framework torch").
 set -uo pipefail
 OUT=${OUT:-/tmp/fp8moe-out}
 LOGS=${LOGS:-/tmp/fp8moe-logs}
@@ -26,9 +27,9 @@ for stage in $stages; do
       run bench_kernels.log python experiments/bench_kernels.py --out "$LOGS"
       run bench_grouped_mm.log python experiments/bench_grouped_mm.py --out "$LOGS" ;;
     jax) run bench_jax.log python experiments/bench_jax.py --out "$LOGS" ;;
-    train) run train.log python experiments/train_moe.py --out "$LOGS/train" ;;
+    train) run train.log python experiments/train_moe.py --out "$LOGS/train" ${TRAIN_ARGS:-} ;;
     *) echo "unknown stage $stage"; status=2 ;;
   esac
+  tar -czf "$OUT/results.tgz" -C "$LOGS" .
 done
-tar -czf "$OUT/results.tgz" -C "$LOGS" .
 exit $status

@@ -96,3 +96,17 @@ def check_offsets_values(offsets: Tensor, num_rows: int) -> None:
             )
     if values and values[-1] > num_rows:
         raise ValueError(f"offsets: expected offsets[-1] <= M = {num_rows}, got {values[-1]}")
+
+
+def check_out(name: str, out: Tensor, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Raise unless ``out`` is a contiguous tensor of ``shape``, ``dtype`` and ``device``; return it."""
+    if not isinstance(out, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(out).__name__}")
+    if out.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype}, got {out.dtype}")
+    if tuple(out.shape) != tuple(shape) or not out.is_contiguous() or out.device != device:
+        raise ValueError(
+            f"{name}: expected a contiguous tensor of shape {tuple(shape)} on {device}, got shape "
+            f"{tuple(out.shape)}, strides {out.stride()} on {out.device}"
+        )
+    return out

@@ -1,9 +1,9 @@
 """The torch side of the bridge: ``buffer_callback`` bodies that run fp8moe's custom ops on XLA's buffers.
 
 Each callback receives ``(ctx, out, *args)``: XLA device buffers, valid only during the call. They are
-wrapped as torch tensors through DLPack (zero copy), fp8moe's ``torch.library`` ops run on them (the
-same entry points as :func:`fp8moe.grouped_mm`, so the results are the same bits), and the results are
-copied into the torch views of the ``out`` buffers. On a GPU everything is enqueued on XLA's own CUDA
+wrapped as torch tensors through DLPack (zero copy), and the fp8moe backend that :func:`fp8moe.grouped_mm`
+would run (the same methods its custom ops call, so the results are the same bits) writes its results
+straight into the torch views of the ``out`` buffers (no copies). On a GPU everything is enqueued on XLA's own CUDA
 stream (``ctx.stream``), so it is ordered with the surrounding XLA work without any synchronisation.
 
 FP8 residuals cross as ``uint8`` buffers holding the e4m3 bits (viewed as ``torch.float8_e4m3fn`` on the
@@ -26,8 +26,7 @@ import torch
 from torch import Tensor
 from torch.utils.dlpack import DLDeviceType
 
-from fp8moe import ops
-from fp8moe.backends import ENV_VAR, resolve_backend_name
+from fp8moe.backends import ENV_VAR, load_backend, resolve_backend_name
 from fp8moe.quant.reference import FP8_DTYPE
 
 _CPU_DEVICES = (DLDeviceType.kDLCPU, DLDeviceType.kDLCUDAHost, DLDeviceType.kDLROCMHost)
@@ -72,12 +71,6 @@ def _fp8(buf_u8: Any) -> Tensor:
     return as_torch(buf_u8).view(FP8_DTYPE)
 
 
-def _write(out: Sequence[Any], results: Sequence[Tensor]) -> None:
-    for buf, value in zip(out, results, strict=True):
-        target = as_torch(buf)
-        (target.view(FP8_DTYPE) if value.dtype == FP8_DTYPE else target).copy_(value)
-
-
 @dataclass(frozen=True)
 class ForwardCallback:
     """``(ctx, out, x, w, offsets)``: quantize w, run the forward GEMM.
@@ -94,10 +87,10 @@ class ForwardCallback:
         with on_xla_stream(ctx, x):
             x_t, w_t, offsets_t = as_torch(x), as_torch(w), as_torch(offsets)
             e, n, k = w_t.shape
-            name = backend_name(self.backend, x_t.device, x_t.shape[0], n, k, e)
-            wq, sw, wq_t, sw_t = ops.quantize_weight(w_t, name, self.with_residuals)
-            y = ops.grouped_mm_forward(x_t, wq, sw, offsets_t, name, self.out_dtype)
-            _write(out, (y, wq_t, sw_t) if self.with_residuals else (y,))
+            backend = load_backend(backend_name(self.backend, x_t.device, x_t.shape[0], n, k, e))
+            out_t = (_fp8(out[1]), as_torch(out[2])) if self.with_residuals else None
+            wq, sw, _, _ = backend.quantize_weight(w_t, self.with_residuals, out_t=out_t)
+            backend.forward(x_t, wq, sw, offsets_t, self.out_dtype, out=as_torch(out[0]))
 
 
 @dataclass(frozen=True)
@@ -125,8 +118,11 @@ class BackwardCallback:
                 sw_t = torch.empty(0, dtype=torch.float32, device=dy_t.device)
             m, k = x_t.shape
             n, e = dy_t.shape[1], offsets_t.shape[0]
-            name = backend_name(self.backend, x_t.device, m, n, k, e)
-            dx, dw = ops.grouped_mm_backward(
-                dy_t, x_t, wq_t, sw_t, offsets_t, name, self.need_dx, self.need_dw, self.dx_dtype, self.dw_dtype
+            backend = load_backend(backend_name(self.backend, x_t.device, m, n, k, e))
+            grads = iter(as_torch(buf) for buf in out)
+            dx_out = next(grads) if self.need_dx else None
+            dw_out = next(grads) if self.need_dw else None
+            backend.backward(
+                dy_t, x_t, wq_t, sw_t, offsets_t, self.need_dx, self.need_dw, self.dx_dtype, self.dw_dtype,
+                dx_out=dx_out, dw_out=dw_out,
             )
-            _write(out, [g for g, needed in ((dx, self.need_dx), (dw, self.need_dw)) if needed])

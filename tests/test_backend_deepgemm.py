@@ -40,9 +40,11 @@ def fwd_bwd(backend, x, w, offsets, dy):
     return y.detach(), xg.grad, wg.grad
 
 
+@pytest.mark.parametrize("wgrad", ["deepgemm", "triton"])
 @pytest.mark.parametrize("routing", ROUTINGS.values(), ids=ROUTINGS.keys())
 @pytest.mark.parametrize("e", [1, 8, 32])
-def test_matches_reference_backend(routing, e):
+def test_matches_reference_backend(routing, e, wgrad, monkeypatch):
+    monkeypatch.setenv("FP8MOE_DEEPGEMM_WGRAD", wgrad)
     if routing is not None and routing.get("empty_groups", 0) >= e:
         pytest.skip("more empty groups than experts")
     x, w, offsets, dy = problem(e, e=e, routing=routing)
@@ -84,6 +86,13 @@ def test_reruns_are_bitwise_identical():
     second = fwd_bwd("deepgemm", x, w, offsets, dy)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+def test_unknown_wgrad_kernel_is_rejected(monkeypatch):
+    monkeypatch.setenv("FP8MOE_DEEPGEMM_WGRAD", "cutlass")
+    x, w, offsets, dy = problem(7, routing={})
+    with pytest.raises(ValueError, match="FP8MOE_DEEPGEMM_WGRAD: expected one of"):
+        fwd_bwd("deepgemm", x, w, offsets, dy)
 
 
 def test_nan_in_x_reaches_its_rows():

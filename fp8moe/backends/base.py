@@ -7,6 +7,10 @@ the one object shared between the forward and the backward, in one format for ev
 - ``wq`` (E, N, K) e4m3 and ``sw`` (E, N/128, K/128) fp32: the forward operand, 128x128 blocks;
 - ``wq_t`` (E, K, N) e4m3 and ``sw_t`` (E, K/128, N/128) fp32: the same values and scales transposed,
   the dgrad operand (empty tensors when no dgrad will run).
+
+Every result can be written into a caller's buffer (``out_t``, ``out``, ``dx_out``, ``dw_out``: contiguous,
+of the result's exact shape, dtype and device; that buffer is then returned). The JAX bridge uses this to
+write straight into XLA's output buffers.
 """
 
 from __future__ import annotations
@@ -16,6 +20,15 @@ from typing import ClassVar
 
 import torch
 from torch import Tensor
+
+from fp8moe.validation import check_out
+
+
+def into(name: str, out: Tensor | None, value: Tensor) -> Tensor:
+    """``value``, or a copy of it in ``out`` (checked like :func:`check_out`) when ``out`` is given."""
+    if out is None:
+        return value
+    return check_out(name, out, tuple(value.shape), value.dtype, value.device).copy_(value)
 
 
 class Backend(abc.ABC):
@@ -33,12 +46,18 @@ class Backend(abc.ABC):
         return None
 
     @abc.abstractmethod
-    def quantize_weight(self, w: Tensor, transposed: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """w (E, N, K) bf16/fp32 -> (wq, sw, wq_t, sw_t) as in the module docstring."""
+    def quantize_weight(
+        self, w: Tensor, transposed: bool, *, out_t: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """w (E, N, K) bf16/fp32 -> (wq, sw, wq_t, sw_t) as in the module docstring; ``out_t``: buffers
+        for (wq_t, sw_t) when ``transposed``."""
 
     @abc.abstractmethod
-    def forward(self, x: Tensor, wq: Tensor, sw: Tensor, offsets: Tensor, out_dtype: torch.dtype) -> Tensor:
-        """x (M, K) bf16/fp32 row-major, offsets (E,) int32 cumulative ends -> y (M, N) ``out_dtype``.
+    def forward(
+        self, x: Tensor, wq: Tensor, sw: Tensor, offsets: Tensor, out_dtype: torch.dtype, *, out: Tensor | None = None
+    ) -> Tensor:
+        """x (M, K) bf16/fp32 row-major, offsets (E,) int32 cumulative ends -> y (M, N) ``out_dtype``
+        (written into ``out`` when given).
 
         Rows at or past ``offsets[-1]`` are zero.
         """
@@ -55,8 +74,12 @@ class Backend(abc.ABC):
         need_dw: bool,
         dx_dtype: torch.dtype,
         dw_dtype: torch.dtype,
+        *,
+        dx_out: Tensor | None = None,
+        dw_out: Tensor | None = None,
     ) -> tuple[Tensor | None, Tensor | None]:
-        """dy (M, N), x (M, K) -> (dx (M, K) ``dx_dtype`` or None, dw (E, N, K) ``dw_dtype`` or None).
+        """dy (M, N), x (M, K) -> (dx (M, K) ``dx_dtype`` or None, dw (E, N, K) ``dw_dtype`` or None),
+        written into ``dx_out`` / ``dw_out`` when given.
 
         dgrad uses ``dy`` in 1x128 tiles along N; wgrad uses ``dy`` and ``x`` in 128x1 token tiles within
         each group (groups padded to 128 tokens with zeros). Rows of dx past ``offsets[-1]`` are zero.

@@ -145,8 +145,11 @@ def padded_output(layout: GroupLayout, cols: int, dtype: torch.dtype) -> Tensor:
     return buffer
 
 
-def gather_padded_output(buffer: Tensor, layout: GroupLayout) -> Tensor:
-    """buffer (num_padded_rows + 1, C) from :func:`padded_output` -> (M, C) in unpadded row order."""
+def gather_padded_output(buffer: Tensor, layout: GroupLayout, out: Tensor | None = None) -> Tensor:
+    """buffer (num_padded_rows + 1, C) from :func:`padded_output` -> (M, C) in unpadded row order,
+    written into ``out`` ((M, C) of buffer's dtype) when given."""
     dst = layout.row_to_padded
     index = torch.where(dst >= 0, dst, layout.num_padded_rows)
-    return buffer.index_select(0, index)
+    if out is None:
+        return buffer.index_select(0, index)
+    return torch.index_select(buffer, 0, index, out=out)

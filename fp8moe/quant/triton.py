@@ -31,6 +31,7 @@ from torch import Tensor
 
 from fp8moe.layout import GroupLayout
 from fp8moe.quant.reference import BLOCK, FP8_DTYPE, FP8_MAX
+from fp8moe.validation import check_out
 
 _INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _MAX = tl.constexpr(FP8_MAX)  # jit code reads only constexpr globals
@@ -249,12 +250,15 @@ def quantize_grad_output(dy: Tensor, layout: GroupLayout) -> tuple[Tensor, Tenso
     return _quantize_tokens(dy, layout, rowwise=True, token_tiles=True)
 
 
-def quantize_weight(w: Tensor, transposed: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def quantize_weight(
+    w: Tensor, transposed: bool, *, out_t: tuple[Tensor, Tensor] | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """128x128 blocks of w (E, N, K) bf16/fp16/fp32, from one read of w.
 
     Returns ``(wq (E, N, K) e4m3, sw (E, N/128, K/128) fp32, wq_t (E, K, N) e4m3, sw_t (E, K/128, N/128)
     fp32)``, all contiguous; ``wq_t``/``sw_t`` hold the same blocks and scales transposed (the dgrad
-    operand) and are empty tensors when ``transposed`` is False.
+    operand) and are empty tensors when ``transposed`` is False. ``out_t``: buffers the kernel writes
+    ``(wq_t, sw_t)`` into (contiguous, of those shapes and dtypes), returned in their place.
     """
     if not isinstance(w, Tensor):
         raise TypeError(f"w: expected a torch.Tensor, got {type(w).__name__}")
@@ -270,8 +274,12 @@ def quantize_weight(w: Tensor, transposed: bool) -> tuple[Tensor, Tensor, Tensor
     e, n, k = w.shape
     wq = torch.empty_like(w, dtype=FP8_DTYPE)
     sw = w.new_empty((e, n // BLOCK, k // BLOCK), dtype=torch.float32)
-    wq_t = w.new_empty((e, k, n) if transposed else (0,), dtype=FP8_DTYPE)
-    sw_t = w.new_empty((e, k // BLOCK, n // BLOCK) if transposed else (0,), dtype=torch.float32)
+    if transposed and out_t is not None:
+        wq_t = check_out("out_t[0]", out_t[0], (e, k, n), FP8_DTYPE, w.device)
+        sw_t = check_out("out_t[1]", out_t[1], (e, k // BLOCK, n // BLOCK), torch.float32, w.device)
+    else:
+        wq_t = w.new_empty((e, k, n) if transposed else (0,), dtype=FP8_DTYPE)
+        sw_t = w.new_empty((e, k // BLOCK, n // BLOCK) if transposed else (0,), dtype=torch.float32)
     if w.numel():
         _quantize_weight_kernel[(n // BLOCK, k // BLOCK, e)](
             w, wq, sw, wq_t if transposed else None, sw_t if transposed else None, n, k,

@@ -8,6 +8,8 @@
   place into a zeroed fp32 (E, N, K) buffer (``c`` is ``d``). It needs the padded group sizes as a host
   list: the one device-to-host read of the layer, issued at the start of the backward and waited for only
   after the quantization kernels and the dgrad GEMM are queued, so the GPU never idles on it.
+  ``FP8MOE_DEEPGEMM_WGRAD=triton`` runs the Triton K-grouped GEMM of the Triton backend on the same
+  operands instead (no host read, dw written once in its final dtype); ``deepgemm`` is the default.
 The forward has no host synchronisation (CUDA-graph capturable).
 """
 
@@ -20,9 +22,23 @@ import deep_gemm
 import torch
 from torch import Tensor
 
-from fp8moe.backends.base import Backend
+from fp8moe.backends.base import Backend, into
 from fp8moe.layout import GroupLayout, gather_padded_output, padded_output, plan_groups
+from fp8moe.backends.triton.kernels import k_grouped_gemm
 from fp8moe.quant import triton as tq
+from fp8moe.validation import check_out
+
+
+WGRAD_ENV_VAR = "FP8MOE_DEEPGEMM_WGRAD"
+_WGRAD_KERNELS = ("deepgemm", "triton")
+
+
+def _wgrad_kernel() -> str:
+    """The wgrad GEMM to run: ``FP8MOE_DEEPGEMM_WGRAD`` (read at each backward), default "deepgemm"."""
+    kernel = os.environ.get(WGRAD_ENV_VAR, "deepgemm")
+    if kernel not in _WGRAD_KERNELS:
+        raise ValueError(f"{WGRAD_ENV_VAR}: expected one of {_WGRAD_KERNELS}, got {kernel!r}")
+    return kernel
 
 
 def _cuda_toolkit_reason() -> str | None:
@@ -35,14 +51,19 @@ def _cuda_toolkit_reason() -> str | None:
     return f"DeepGEMM's JIT needs the CUDA toolkit (nvcc) under CUDA_HOME, got CUDA_HOME={home!r}"
 
 
-def _m_grouped_gemm(a: Tensor, sa: Tensor, b: Tensor, sb: Tensor, layout: GroupLayout, out_dtype: torch.dtype) -> Tensor:
-    """a (Mp, K) e4m3 with sa (K/128, Mp), b (E, N, K) e4m3 with sb (E, N/128, K/128) -> (M, N) out_dtype."""
+def _m_grouped_gemm(
+    a: Tensor, sa: Tensor, b: Tensor, sb: Tensor, layout: GroupLayout, out_dtype: torch.dtype, out: Tensor | None
+) -> Tensor:
+    """a (Mp, K) e4m3 with sa (K/128, Mp), b (E, N, K) e4m3 with sb (E, N/128, K/128) -> (M, N) out_dtype
+    (into ``out`` when given). DeepGEMM writes bf16; other dtypes take one conversion after the gather."""
     d = padded_output(layout, b.shape[1], torch.bfloat16)
     deep_gemm.m_grouped_fp8_gemm_nt_contiguous(
         (a, sa.T), (b, sb), d[:-1], layout.row_expert,
         recipe_a=(1, 128), recipe_b=(128, 128), disable_ue8m0_cast=True,
     )
-    return gather_padded_output(d, layout).to(out_dtype)
+    if out_dtype == torch.bfloat16 and out is not None:
+        return gather_padded_output(d, layout, check_out("out", out, (layout.num_rows, b.shape[1]), out_dtype, d.device))
+    return into("out", out, gather_padded_output(d, layout).to(out_dtype))
 
 
 class DeepGEMMBackend(Backend):
@@ -57,13 +78,17 @@ class DeepGEMMBackend(Backend):
             return f"needs an SM90 GPU (H100/H200; the fp32-scale kernels are SM90-only), got sm_{major}{minor}"
         return _cuda_toolkit_reason()
 
-    def quantize_weight(self, w: Tensor, transposed: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return tq.quantize_weight(w, transposed)
+    def quantize_weight(
+        self, w: Tensor, transposed: bool, *, out_t: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return tq.quantize_weight(w, transposed, out_t=out_t)
 
-    def forward(self, x: Tensor, wq: Tensor, sw: Tensor, offsets: Tensor, out_dtype: torch.dtype) -> Tensor:
+    def forward(
+        self, x: Tensor, wq: Tensor, sw: Tensor, offsets: Tensor, out_dtype: torch.dtype, *, out: Tensor | None = None
+    ) -> Tensor:
         layout = plan_groups(offsets, x.shape[0])
         xq, sx = tq.quantize_rows_padded(x, layout)
-        return _m_grouped_gemm(xq, sx, wq, sw, layout, out_dtype)
+        return _m_grouped_gemm(xq, sx, wq, sw, layout, out_dtype, out)
 
     def backward(
         self,
@@ -76,9 +101,13 @@ class DeepGEMMBackend(Backend):
         need_dw: bool,
         dx_dtype: torch.dtype,
         dw_dtype: torch.dtype,
+        *,
+        dx_out: Tensor | None = None,
+        dw_out: Tensor | None = None,
     ) -> tuple[Tensor | None, Tensor | None]:
         layout = plan_groups(offsets, x.shape[0])
-        if need_dw:  # start the one host read now; it is awaited only before the wgrad launch
+        deepgemm_wgrad = need_dw and _wgrad_kernel() == "deepgemm"
+        if deepgemm_wgrad:  # start the one host read now; it is awaited only before the wgrad launch
             ks_host = torch.empty(layout.num_groups, dtype=torch.int32, pin_memory=True)
             ks_host.copy_(layout.padded_sizes, non_blocking=True)
             ks_ready = torch.cuda.Event()
@@ -93,24 +122,39 @@ class DeepGEMMBackend(Backend):
         if need_dw:
             xt, sxt = tq.quantize_token_tiles(x, layout)
         if need_dx:
-            dx = _m_grouped_gemm(dyq, sdy, wq_t, sw_t, layout, dx_dtype)
+            dx = _m_grouped_gemm(dyq, sdy, wq_t, sw_t, layout, dx_dtype, dx_out)
             del dyq, sdy  # free the dgrad operand before the fp32 wgrad buffer is allocated
-        if need_dw:
+        if deepgemm_wgrad:
             ks_ready.synchronize()
-            ks = ks_host.tolist()
-            dw = self._wgrad(dyt, sdyt, xt, sxt, ks, layout, dw_dtype)
+            dw = self._wgrad(dyt, sdyt, xt, sxt, ks_host.tolist(), layout, dw_dtype, dw_out)
+        elif need_dw:
+            dw = k_grouped_gemm(dyt, sdyt, xt, sxt, layout, dw_dtype, dw_out)
         return dx, dw
 
     @staticmethod
     def _wgrad(
-        dyt: Tensor, sdyt: Tensor, xt: Tensor, sxt: Tensor, ks: list[int], layout: GroupLayout, dtype: torch.dtype
+        dyt: Tensor,
+        sdyt: Tensor,
+        xt: Tensor,
+        sxt: Tensor,
+        ks: list[int],
+        layout: GroupLayout,
+        dtype: torch.dtype,
+        out: Tensor | None,
     ) -> Tensor:
-        """dw (E, N, K) = per group dy_g^T x_g from the flat token-tile operands, accumulated in fp32."""
+        """dw (E, N, K) = per group dy_g^T x_g from the flat token-tile operands, accumulated in fp32 in
+        place (into ``out`` itself when it is fp32; other dtypes take one conversion)."""
         n, k = sdyt.shape[1], sxt.shape[1]
         sum_k = sum(ks)
         blocks = sum_k // 128
-        dw = torch.zeros(layout.num_groups, n, k, dtype=torch.float32, device=dyt.device)
+        shape = (layout.num_groups, n, k)
+        if out is not None and dtype == torch.float32:
+            dw = check_out("dw_out", out, shape, dtype, dyt.device).zero_()
+        else:
+            dw = torch.zeros(shape, dtype=torch.float32, device=dyt.device)
         deep_gemm.k_grouped_fp8_gemm_nt_contiguous(
             (dyt[: n * sum_k], sdyt[:blocks].T), (xt[: k * sum_k], sxt[:blocks].T), dw, ks, layout.padded_sizes, c=dw,
         )
-        return dw if dtype == torch.float32 else dw.to(dtype)
+        if dtype == torch.float32:
+            return dw
+        return into("dw_out", out, dw.to(dtype))

@@ -34,13 +34,17 @@ class TritonBackend(Backend):
             return f"needs a GPU with TMA and FP8 tensor cores (compute capability 9.0 or newer), got sm_{major}{minor}"
         return None
 
-    def quantize_weight(self, w: Tensor, transposed: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return tq.quantize_weight(w, transposed)
+    def quantize_weight(
+        self, w: Tensor, transposed: bool, *, out_t: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return tq.quantize_weight(w, transposed, out_t=out_t)
 
-    def forward(self, x: Tensor, wq: Tensor, sw: Tensor, offsets: Tensor, out_dtype: torch.dtype) -> Tensor:
+    def forward(
+        self, x: Tensor, wq: Tensor, sw: Tensor, offsets: Tensor, out_dtype: torch.dtype, *, out: Tensor | None = None
+    ) -> Tensor:
         layout = plan_groups(offsets, x.shape[0])
         xq, sx = tq.quantize_rows_padded(x, layout)
-        return m_grouped_gemm(xq, sx, wq, sw, layout, out_dtype)
+        return m_grouped_gemm(xq, sx, wq, sw, layout, out_dtype, out)
 
     def backward(
         self,
@@ -53,6 +57,9 @@ class TritonBackend(Backend):
         need_dw: bool,
         dx_dtype: torch.dtype,
         dw_dtype: torch.dtype,
+        *,
+        dx_out: Tensor | None = None,
+        dw_out: Tensor | None = None,
     ) -> tuple[Tensor | None, Tensor | None]:
         layout = plan_groups(offsets, x.shape[0])
         if need_dx and need_dw:
@@ -63,9 +70,9 @@ class TritonBackend(Backend):
             dyt, sdyt = tq.quantize_token_tiles(dy, layout)
         dx = dw = None
         if need_dx:
-            dx = m_grouped_gemm(dyq, sdy, wq_t, sw_t, layout, dx_dtype)
+            dx = m_grouped_gemm(dyq, sdy, wq_t, sw_t, layout, dx_dtype, dx_out)
             del dyq, sdy  # free the dgrad operand before the wgrad operands are allocated
         if need_dw:
             xt, sxt = tq.quantize_token_tiles(x, layout)
-            dw = k_grouped_gemm(dyt, sdyt, xt, sxt, layout, dw_dtype)
+            dw = k_grouped_gemm(dyt, sdyt, xt, sxt, layout, dw_dtype, dw_out)
         return dx, dw

@@ -23,6 +23,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from fp8moe.layout import GroupLayout
 from fp8moe.quant.reference import BLOCK, FP8_DTYPE
+from fp8moe.validation import check_out
 
 
 def _set_descriptor_blocks(nargs: dict) -> None:
@@ -178,7 +179,9 @@ def _check_scales(name: str, t: Tensor, shape: tuple[int, ...]) -> None:
         )
 
 
-def m_grouped_gemm(a: Tensor, sa: Tensor, b: Tensor, sb: Tensor, layout: GroupLayout, out_dtype: torch.dtype) -> Tensor:
+def m_grouped_gemm(
+    a: Tensor, sa: Tensor, b: Tensor, sb: Tensor, layout: GroupLayout, out_dtype: torch.dtype, out: Tensor | None = None
+) -> Tensor:
     """M-grouped NT GEMM: ``y[rows of g] = dequant(a, sa)[padded rows of g] @ dequant(b[g], sb[g]).T``.
 
     Args:
@@ -188,9 +191,11 @@ def m_grouped_gemm(a: Tensor, sa: Tensor, b: Tensor, sb: Tensor, layout: GroupLa
         sb: (E, N/128, K/128) fp32 contiguous, 128x128 block scales of ``b``.
         layout: the group plan ``a`` was quantized with.
         out_dtype: dtype of the result.
+        out: optional contiguous (M, N) ``out_dtype`` buffer to write the result into.
 
     Returns:
-        y: (M, N) ``out_dtype`` in unpadded row order; rows at or past ``offsets[-1]`` are zero.
+        y: (M, N) ``out_dtype`` in unpadded row order (``out`` when given); rows at or past
+        ``offsets[-1]`` are zero.
     """
     mp, k = layout.num_padded_rows, a.shape[-1]
     e, n = b.shape[0], b.shape[1]
@@ -198,7 +203,10 @@ def m_grouped_gemm(a: Tensor, sa: Tensor, b: Tensor, sb: Tensor, layout: GroupLa
     _check_scales("sa", sa, (k // BLOCK, mp))
     _check_fp8("b", b, (layout.num_groups, n, k))
     _check_scales("sb", sb, (e, n // BLOCK, k // BLOCK))
-    y = torch.empty(layout.num_rows, n, dtype=out_dtype, device=a.device)
+    if out is None:
+        y = torch.empty(layout.num_rows, n, dtype=out_dtype, device=a.device)
+    else:
+        y = check_out("out", out, (layout.num_rows, n), out_dtype, a.device)
     if y.numel() == 0:
         return y
     if k == 0:
@@ -216,7 +224,9 @@ def m_grouped_gemm(a: Tensor, sa: Tensor, b: Tensor, sb: Tensor, layout: GroupLa
     return y
 
 
-def k_grouped_gemm(a: Tensor, sa: Tensor, b: Tensor, sb: Tensor, layout: GroupLayout, out_dtype: torch.dtype) -> Tensor:
+def k_grouped_gemm(
+    a: Tensor, sa: Tensor, b: Tensor, sb: Tensor, layout: GroupLayout, out_dtype: torch.dtype, out: Tensor | None = None
+) -> Tensor:
     """K-grouped NT GEMM: ``d[g] = dequant(a_g) @ dequant(b_g).T`` over expert g's padded tokens.
 
     Args:
@@ -228,9 +238,10 @@ def k_grouped_gemm(a: Tensor, sa: Tensor, b: Tensor, sb: Tensor, layout: GroupLa
         sb: (Mp/128, K) fp32 contiguous, its scales.
         layout: the group plan both were quantized with.
         out_dtype: dtype of the result (written directly from the fp32 accumulator).
+        out: optional contiguous (E, N, K) ``out_dtype`` buffer to write the result into.
 
     Returns:
-        d: (E, N, K) ``out_dtype``; zero for experts with no tokens.
+        d: (E, N, K) ``out_dtype`` (``out`` when given); zero for experts with no tokens.
     """
     mp = layout.num_padded_rows
     n, k = sa.shape[1], sb.shape[1]
@@ -238,7 +249,10 @@ def k_grouped_gemm(a: Tensor, sa: Tensor, b: Tensor, sb: Tensor, layout: GroupLa
     _check_scales("sa", sa, (mp // BLOCK, n))
     _check_fp8("b", b, (k * mp,))
     _check_scales("sb", sb, (mp // BLOCK, k))
-    d = torch.empty(layout.num_groups, n, k, dtype=out_dtype, device=a.device)
+    if out is None:
+        d = torch.empty(layout.num_groups, n, k, dtype=out_dtype, device=a.device)
+    else:
+        d = check_out("out", out, (layout.num_groups, n, k), out_dtype, a.device)
     if d.numel() == 0:
         return d
 
