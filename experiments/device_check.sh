@@ -5,7 +5,8 @@
 # runs the whole pytest suite (the CUDA tests run here); `bench`, `jax` and `train` run the benchmarks
 # and the training experiment. Logs and results are written to $LOGS and packed into $OUT/results.tgz
 # after every stage (the device tool brings back only a few files, and a call cut off by its time limit
-# still returns what finished). TRAIN_ARGS adds flags to train_moe.py (e.g. "--framework torch").
+# still returns what finished). TRAIN_ARGS adds flags to train_moe.py (e.g. "--framework torch");
+# STAGE_TIMEOUT (seconds, default 1800) bounds each command.
 set -uo pipefail
 OUT=${OUT:-/tmp/fp8moe-out}
 LOGS=${LOGS:-/tmp/fp8moe-logs}
@@ -16,7 +17,7 @@ status=0
 run() {  # run <log name> <command...>: tee into $LOGS/<log name>, remember failures
   local log=$1; shift
   echo "== $* (log $log)"
-  "$@" 2>&1 | tee "$LOGS/$log" || status=1
+  timeout "${STAGE_TIMEOUT:-1800}" "$@" 2>&1 | tee "$LOGS/$log" || status=1
 }
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader | tee "$LOGS/device.txt"
 for stage in $stages; do
@@ -24,8 +25,8 @@ for stage in $stages; do
     build) run build.log bash .devcache/build_deepgemm.sh .devcache ;;
     test) run pytest.log python -m pytest -q -ra tests ;;
     bench)
-      run bench_kernels.log python experiments/bench_kernels.py --out "$LOGS"
-      run bench_grouped_mm.log python experiments/bench_grouped_mm.py --out "$LOGS" ;;
+      run bench_grouped_mm.log python experiments/bench_grouped_mm.py --out "$LOGS"
+      run bench_kernels.log python experiments/bench_kernels.py --out "$LOGS" ;;
     jax) run bench_jax.log python experiments/bench_jax.py --out "$LOGS" ;;
     train) run train.log python experiments/train_moe.py --out "$LOGS/train" ${TRAIN_ARGS:-} ;;
     *) echo "unknown stage $stage"; status=2 ;;

@@ -87,7 +87,7 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
 
 @pytest.mark.skipif(JAX_MISSING is not None, reason=str(JAX_MISSING))
 @pytest.mark.parametrize("precision, min_logits_db", [("bf16", 30), ("fp8", 18)])
-def test_torch_and_jax_models_compute_the_same_function(precision, min_logits_db, monkeypatch):
+def test_torch_and_jax_models_compute_the_same_function(precision, min_logits_db, monkeypatch, jax_on_cpu):
     """Stage by stage: the attention path agrees to bf16 rounding, each MoE layer maps the same input to the
     same output, and end to end the logits agree as far as routing and FP8 rounding flips let them (small
     input differences flip bf16/e4m3 roundings inside the MoE and compound over the layers)."""

@@ -229,7 +229,7 @@ def test_jax_init_has_the_torch_parameter_shapes(jax_moe):
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp8"])
-def test_torch_and_jax_layers_agree_on_the_same_weights(jax_moe, precision):
+def test_torch_and_jax_layers_agree_on_the_same_weights(jax_moe, precision, jax_on_cpu):
     import jax.numpy as jnp
 
     layer = make_layer(precision)

@@ -2,10 +2,9 @@
 
 GPU (skipped without CUDA): every kernel bit-exact against fp8moe.quant.reference placed in the documented
 layout (padding rows and the tail zero with zero scales, NaN/Inf tiles, all-zero tiles), every output
-element written (the caching allocator is poisoned first). The reference is evaluated on the CPU: on CUDA,
-PyTorch divides a tensor by a Python scalar by multiplying with the rounded reciprocal, so reference.py's
-``amax / FP8_MAX`` is not the IEEE quotient there (1-ulp scale differences in about half the tiles); the
-kernels implement the recipe's IEEE division, which the CPU evaluation of reference.py computes.
+element written (the caching allocator is poisoned first). The reference is evaluated on the CPU, so
+these tests do not lean on the CUDA build of torch's division (reference.py divides tensor by tensor,
+which is the IEEE quotient on both devices, as the kernels' ``div_rn``).
 
 CPU: the same kernels under the Triton interpreter (``TRITON_INTERPRET=1``, in a child process so the
 setting never reaches other tests), at small sizes, also bit-exact, with one substitution. The
@@ -156,7 +155,7 @@ def _to_e4m3_kernel(x_ptr, y_ptr, n, BLOCK_SIZE: tl.constexpr):
 def _quantize_tiles_converting_like_the_interpreter(tiles: torch.Tensor, amax: torch.Tensor):
     """The recipe of fp8moe.quant.reference.quantize_tiles with its final fp32 -> e4m3 cast done by the
     interpreter (NaN values keep the true NaN code: the interpreter's NaN codes are arbitrary)."""
-    scale = amax / FP8_MAX
+    scale = amax / torch.full_like(amax, FP8_MAX)
     fp32 = (tiles / torch.where(amax == 0, 1.0, scale)).clamp(-FP8_MAX, FP8_MAX).contiguous()
     values = torch.empty(fp32.shape, dtype=FP8_DTYPE)
     _to_e4m3_kernel[(triton.cdiv(fp32.numel(), 1024),)](fp32, values, fp32.numel(), BLOCK_SIZE=1024)

@@ -31,6 +31,22 @@ def into(name: str, out: Tensor | None, value: Tensor) -> Tensor:
     return check_out(name, out, tuple(value.shape), value.dtype, value.device).copy_(value)
 
 
+def check_grad_buffers(
+    dy: Tensor,
+    x: Tensor,
+    num_groups: int,
+    dx_dtype: torch.dtype,
+    dw_dtype: torch.dtype,
+    dx_out: Tensor | None,
+    dw_out: Tensor | None,
+) -> None:
+    """Check the ``dx_out`` (M, K) / ``dw_out`` (E, N, K) buffers handed to :meth:`Backend.backward`."""
+    if dx_out is not None:
+        check_out("dx_out", dx_out, tuple(x.shape), dx_dtype, x.device)
+    if dw_out is not None:
+        check_out("dw_out", dw_out, (num_groups, dy.shape[1], x.shape[1]), dw_dtype, x.device)
+
+
 class Backend(abc.ABC):
     """Forward, dgrad and wgrad of ``y[rows of e] = x[rows of e] @ w[e].T`` in blockwise FP8."""
 

@@ -27,7 +27,9 @@ def quantize_tiles(tiles: Tensor, amax: Tensor) -> tuple[Tensor, Tensor]:
 
     Returns ``(values e4m3 like tiles, scales fp32 like amax)``.
     """
-    scale = amax / FP8_MAX
+    # A tensor divisor: CUDA torch divides by a Python scalar through its rounded reciprocal, which is
+    # not the IEEE quotient; tensor / tensor is, on every device, so the recipe's bits do not depend on it.
+    scale = amax / torch.full_like(amax, FP8_MAX)
     divisor = torch.where(amax == 0, torch.ones_like(scale), scale)
     values = (tiles / divisor).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return values, scale

@@ -253,7 +253,7 @@ def quantize_grad_output(dy: Tensor, layout: GroupLayout) -> tuple[Tensor, Tenso
 def quantize_weight(
     w: Tensor, transposed: bool, *, out_t: tuple[Tensor, Tensor] | None = None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """128x128 blocks of w (E, N, K) bf16/fp16/fp32, from one read of w.
+    """128x128 blocks of w (E, N, K) bf16/fp16/fp32, from one read of w (fp32 w: plus one read of wq).
 
     Returns ``(wq (E, N, K) e4m3, sw (E, N/128, K/128) fp32, wq_t (E, K, N) e4m3, sw_t (E, K/128, N/128)
     fp32)``, all contiguous; ``wq_t``/``sw_t`` hold the same blocks and scales transposed (the dgrad
@@ -280,11 +280,16 @@ def quantize_weight(
     else:
         wq_t = w.new_empty((e, k, n) if transposed else (0,), dtype=FP8_DTYPE)
         sw_t = w.new_empty((e, k // BLOCK, n // BLOCK) if transposed else (0,), dtype=torch.float32)
+    # Triton 3.6 miscompiles the two-layout kernel for fp32 input (on an H100: wrong, run-to-run varying
+    # codes in both outputs); fp32 weights get wq_t as a transposed copy of wq instead.
+    fused = transposed and w.dtype != torch.float32
     if w.numel():
         _quantize_weight_kernel[(n // BLOCK, k // BLOCK, e)](
-            w, wq, sw, wq_t if transposed else None, sw_t if transposed else None, n, k,
-            TRANSPOSED=transposed, TILE=BLOCK,
+            w, wq, sw, wq_t if fused else None, sw_t if fused else None, n, k, TRANSPOSED=fused, TILE=BLOCK
         )
+    if transposed and not fused:
+        wq_t.copy_(wq.transpose(1, 2))
+        sw_t.copy_(sw.transpose(1, 2))
     return wq, sw, wq_t, sw_t
 
 

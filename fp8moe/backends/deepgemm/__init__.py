@@ -22,7 +22,7 @@ import deep_gemm
 import torch
 from torch import Tensor
 
-from fp8moe.backends.base import Backend, into
+from fp8moe.backends.base import Backend, check_grad_buffers, into
 from fp8moe.layout import GroupLayout, gather_padded_output, padded_output, plan_groups
 from fp8moe.backends.triton.kernels import k_grouped_gemm
 from fp8moe.quant import triton as tq
@@ -105,6 +105,7 @@ class DeepGEMMBackend(Backend):
         dx_out: Tensor | None = None,
         dw_out: Tensor | None = None,
     ) -> tuple[Tensor | None, Tensor | None]:
+        check_grad_buffers(dy, x, offsets.shape[0], dx_dtype, dw_dtype, dx_out, dw_out)
         layout = plan_groups(offsets, x.shape[0])
         deepgemm_wgrad = need_dw and _wgrad_kernel() == "deepgemm"
         if deepgemm_wgrad:  # start the one host read now; it is awaited only before the wgrad launch

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fp8moe.backends.base import Backend
+from fp8moe.backends.base import Backend, check_grad_buffers
 from fp8moe.backends.triton.kernels import k_grouped_gemm, m_grouped_gemm
 from fp8moe.layout import plan_groups
 from fp8moe.quant import triton as tq
@@ -61,6 +61,7 @@ class TritonBackend(Backend):
         dx_out: Tensor | None = None,
         dw_out: Tensor | None = None,
     ) -> tuple[Tensor | None, Tensor | None]:
+        check_grad_buffers(dy, x, offsets.shape[0], dx_dtype, dw_dtype, dx_out, dw_out)
         layout = plan_groups(offsets, x.shape[0])
         if need_dx and need_dw:
             dyq, sdy, dyt, sdyt = tq.quantize_grad_output(dy, layout)
