@@ -103,8 +103,12 @@ class JaxTrainer:
         initial_weights: dict[str, np.ndarray],
     ) -> None:
         self.params = params_from_torch(initial_weights, cfg)
-        zeros = jax.tree.map(jnp.zeros_like, self.params)
-        self.opt_state = {"m": zeros, "v": zeros, "t": jnp.zeros((), jnp.int32)}
+        # m and v get buffers of their own: the train step donates them, and XLA rejects donating one buffer twice.
+        self.opt_state = {
+            "m": jax.tree.map(jnp.zeros_like, self.params),
+            "v": jax.tree.map(jnp.zeros_like, self.params),
+            "t": jnp.zeros((), jnp.int32),
+        }
 
         def losses(params: Params, batch: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
             logits, aux = forward(params, batch[:, :-1], cfg, precision, backend)

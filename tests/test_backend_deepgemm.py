@@ -33,10 +33,10 @@ def problem(seed, m=2048, n=256, k=512, e=8, routing=None, dtype=torch.bfloat16)
     return x, w, offsets, dy
 
 
-def fwd_bwd(backend, x, w, offsets, dy):
+def fwd_bwd(backend, x, w, offsets, dy, out_dtype=torch.bfloat16):
     xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
-    y = fp8moe.grouped_mm(xg, wg, offsets, backend=backend, validate=True)
-    y.backward(dy)
+    y = fp8moe.grouped_mm(xg, wg, offsets, backend=backend, out_dtype=out_dtype, validate=True)
+    y.backward(dy.to(out_dtype))
     return y.detach(), xg.grad, wg.grad
 
 
@@ -76,8 +76,9 @@ def test_fp32_inputs_and_outputs():
     y = fp8moe.grouped_mm(xg, wg, offsets, backend="deepgemm", out_dtype=torch.float32)
     y.backward(dy)
     assert y.dtype == xg.grad.dtype == wg.grad.dtype == torch.float32
-    ref = fwd_bwd("reference", x, w, offsets, dy)
-    assert sqnr_db(ref[2], wg.grad) >= 40
+    ref = fwd_bwd("reference", x, w, offsets, dy, out_dtype=torch.float32)  # the same fp32 dy reaches the wgrad
+    for name, got, want in zip(("y", "dx", "dw"), (y, xg.grad, wg.grad), ref):
+        assert sqnr_db(want, got) >= 40, name
 
 
 def test_reruns_are_bitwise_identical():
