@@ -124,7 +124,7 @@ def raw_deepgemm_rows(x, w, dy, offsets) -> list[tuple[str, float, float]]:
     quantized by fp8moe's kernels (the Triton ones write unpadded rows, DeepGEMM's the padded layout)."""
     import deep_gemm
 
-    from fp8moe.backends.deepgemm import DeepGEMMBackend
+    from fp8moe.backends import deepgemm
     from fp8moe.backends.triton.kernels import k_grouped_gemm, m_grouped_gemm
     from fp8moe.layout import plan_groups
     from fp8moe.quant import triton as tq
@@ -148,10 +148,10 @@ def raw_deepgemm_rows(x, w, dy, offsets) -> list[tuple[str, float, float]]:
         "DeepGEMM m-grouped NT (dgrad, wq_t)": lambda: deep_gemm.m_grouped_fp8_gemm_nt_contiguous(
             (dyq, sdy.T), (wq_t, sw_t), dx_pad, layout.row_expert, **recipe
         ),
-        "DeepGEMM k-grouped NT (wgrad, fp32 out)": lambda: DeepGEMMBackend._wgrad(
+        "DeepGEMM k-grouped NT (wgrad, fp32 out)": lambda: deepgemm.k_grouped_gemm(
             dyt, sdyt, xt, sxt, ks, layout, torch.float32, None
         ),
-        "DeepGEMM k-grouped NT (wgrad, + cast to bf16)": lambda: DeepGEMMBackend._wgrad(
+        "DeepGEMM k-grouped NT (wgrad, + cast to bf16)": lambda: deepgemm.k_grouped_gemm(
             dyt, sdyt, xt, sxt, ks, layout, torch.bfloat16, None
         ),
         "Triton m-grouped (forward)": lambda: m_grouped_gemm(xq, sx, wq, sw, layout, torch.bfloat16),

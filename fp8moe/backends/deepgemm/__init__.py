@@ -8,6 +8,7 @@
   place into a zeroed fp32 (E, N, K) buffer (``c`` is ``d``). It needs the padded group sizes as a host
   list: the one device-to-host read of the layer, issued at the start of the backward and waited for only
   after the quantization kernels and the dgrad GEMM are queued, so the GPU never idles on it.
+  The quantizers and the order of the work are the Triton backend's (this class extends it).
   ``FP8MOE_DEEPGEMM_WGRAD=triton`` runs the Triton K-grouped GEMM of the Triton backend on the same
   operands instead (no host read, dw written once in its final dtype); ``deepgemm`` is the default.
 The forward has no host synchronisation (CUDA-graph capturable).
@@ -22,12 +23,10 @@ import deep_gemm
 import torch
 from torch import Tensor
 
-from fp8moe.backends.base import Backend, check_grad_buffers, into
-from fp8moe.layout import GroupLayout, gather_padded_output, padded_output, plan_groups
-from fp8moe.backends.triton.kernels import k_grouped_gemm
-from fp8moe.quant import triton as tq
+from fp8moe.backends.base import into
+from fp8moe.backends.triton import TritonBackend, WgradGemm
+from fp8moe.layout import GroupLayout, gather_padded_output, padded_output
 from fp8moe.validation import check_out
-
 
 WGRAD_ENV_VAR = "FP8MOE_DEEPGEMM_WGRAD"
 _WGRAD_KERNELS = ("deepgemm", "triton")
@@ -51,7 +50,7 @@ def _cuda_toolkit_reason() -> str | None:
     return f"DeepGEMM's JIT needs the CUDA toolkit (nvcc) under CUDA_HOME, got CUDA_HOME={home!r}"
 
 
-def _m_grouped_gemm(
+def m_grouped_gemm(
     a: Tensor, sa: Tensor, b: Tensor, sb: Tensor, layout: GroupLayout, out_dtype: torch.dtype, out: Tensor | None
 ) -> Tensor:
     """a (Mp, K) e4m3 with sa (K/128, Mp), b (E, N, K) e4m3 with sb (E, N/128, K/128) -> (M, N) out_dtype
@@ -66,8 +65,38 @@ def _m_grouped_gemm(
     return into("out", out, gather_padded_output(d, layout).to(out_dtype))
 
 
-class DeepGEMMBackend(Backend):
+def k_grouped_gemm(
+    dyt: Tensor,
+    sdyt: Tensor,
+    xt: Tensor,
+    sxt: Tensor,
+    ks: list[int],
+    layout: GroupLayout,
+    out_dtype: torch.dtype,
+    out: Tensor | None,
+) -> Tensor:
+    """dw (E, N, K) = per group dy_g^T x_g from the flat token-tile operands of :mod:`fp8moe.quant.triton`
+    (``ks``: the padded group sizes on the host), accumulated in fp32 in place (into ``out`` itself when
+    ``out_dtype`` is fp32; other dtypes take one conversion)."""
+    n, k = sdyt.shape[1], sxt.shape[1]
+    sum_k = sum(ks)
+    blocks = sum_k // 128
+    shape = (layout.num_groups, n, k)
+    if out is not None and out_dtype == torch.float32:
+        dw = check_out("dw_out", out, shape, out_dtype, dyt.device).zero_()
+    else:
+        dw = torch.zeros(shape, dtype=torch.float32, device=dyt.device)
+    deep_gemm.k_grouped_fp8_gemm_nt_contiguous(
+        (dyt[: n * sum_k], sdyt[:blocks].T), (xt[: k * sum_k], sxt[:blocks].T), dw, ks, layout.padded_sizes, c=dw,
+    )
+    if out_dtype == torch.float32:
+        return dw
+    return into("dw_out", out, dw.to(out_dtype))
+
+
+class DeepGEMMBackend(TritonBackend):
     name = "deepgemm"
+    m_grouped_gemm = staticmethod(m_grouped_gemm)
 
     @classmethod
     def unavailable_reason(cls, device: torch.device) -> str | None:
@@ -78,84 +107,16 @@ class DeepGEMMBackend(Backend):
             return f"needs an SM90 GPU (H100/H200; the fp32-scale kernels are SM90-only), got sm_{major}{minor}"
         return _cuda_toolkit_reason()
 
-    def quantize_weight(
-        self, w: Tensor, transposed: bool, *, out_t: tuple[Tensor, Tensor] | None = None
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return tq.quantize_weight(w, transposed, out_t=out_t)
+    def prepare_wgrad(self, layout: GroupLayout) -> WgradGemm:
+        """Start the one host read (the padded group sizes) now; wait for it only at the wgrad launch."""
+        if _wgrad_kernel() == "triton":
+            return super().prepare_wgrad(layout)
+        ks_host = layout.padded_sizes.to("cpu", non_blocking=True)  # into pinned memory, asynchronously
+        ks_ready = torch.cuda.Event()
+        ks_ready.record()
 
-    def forward(
-        self, x: Tensor, wq: Tensor, sw: Tensor, offsets: Tensor, out_dtype: torch.dtype, *, out: Tensor | None = None
-    ) -> Tensor:
-        layout = plan_groups(offsets, x.shape[0])
-        xq, sx = tq.quantize_rows_padded(x, layout)
-        return _m_grouped_gemm(xq, sx, wq, sw, layout, out_dtype, out)
-
-    def backward(
-        self,
-        dy: Tensor,
-        x: Tensor,
-        wq_t: Tensor,
-        sw_t: Tensor,
-        offsets: Tensor,
-        need_dx: bool,
-        need_dw: bool,
-        dx_dtype: torch.dtype,
-        dw_dtype: torch.dtype,
-        *,
-        dx_out: Tensor | None = None,
-        dw_out: Tensor | None = None,
-    ) -> tuple[Tensor | None, Tensor | None]:
-        check_grad_buffers(dy, x, offsets.shape[0], dx_dtype, dw_dtype, dx_out, dw_out)
-        layout = plan_groups(offsets, x.shape[0])
-        deepgemm_wgrad = need_dw and _wgrad_kernel() == "deepgemm"
-        if deepgemm_wgrad:  # start the one host read now; it is awaited only before the wgrad launch
-            ks_host = torch.empty(layout.num_groups, dtype=torch.int32, pin_memory=True)
-            ks_host.copy_(layout.padded_sizes, non_blocking=True)
-            ks_ready = torch.cuda.Event()
-            ks_ready.record()
-        # Two kernels, not the one-read quantize_grad_output: on an H100 they take 0.20 ms together against
-        # its 0.36 ms (experiments/results/bench_kernels.md); its 128x128 tiles suit neither layout.
-        if need_dx:
-            dyq, sdy = tq.quantize_rows_padded(dy, layout)
-        if need_dw:
-            dyt, sdyt = tq.quantize_token_tiles(dy, layout)
-        dx = dw = None
-        if need_dw:
-            xt, sxt = tq.quantize_token_tiles(x, layout)
-        if need_dx:
-            dx = _m_grouped_gemm(dyq, sdy, wq_t, sw_t, layout, dx_dtype, dx_out)
-            del dyq, sdy  # free the dgrad operand before the fp32 wgrad buffer is allocated
-        if deepgemm_wgrad:
+        def wgrad(dyt: Tensor, sdyt: Tensor, xt: Tensor, sxt: Tensor, dtype: torch.dtype, out: Tensor | None) -> Tensor:
             ks_ready.synchronize()
-            dw = self._wgrad(dyt, sdyt, xt, sxt, ks_host.tolist(), layout, dw_dtype, dw_out)
-        elif need_dw:
-            dw = k_grouped_gemm(dyt, sdyt, xt, sxt, layout, dw_dtype, dw_out)
-        return dx, dw
+            return k_grouped_gemm(dyt, sdyt, xt, sxt, ks_host.tolist(), layout, dtype, out)
 
-    @staticmethod
-    def _wgrad(
-        dyt: Tensor,
-        sdyt: Tensor,
-        xt: Tensor,
-        sxt: Tensor,
-        ks: list[int],
-        layout: GroupLayout,
-        dtype: torch.dtype,
-        out: Tensor | None,
-    ) -> Tensor:
-        """dw (E, N, K) = per group dy_g^T x_g from the flat token-tile operands, accumulated in fp32 in
-        place (into ``out`` itself when it is fp32; other dtypes take one conversion)."""
-        n, k = sdyt.shape[1], sxt.shape[1]
-        sum_k = sum(ks)
-        blocks = sum_k // 128
-        shape = (layout.num_groups, n, k)
-        if out is not None and dtype == torch.float32:
-            dw = check_out("dw_out", out, shape, dtype, dyt.device).zero_()
-        else:
-            dw = torch.zeros(shape, dtype=torch.float32, device=dyt.device)
-        deep_gemm.k_grouped_fp8_gemm_nt_contiguous(
-            (dyt[: n * sum_k], sdyt[:blocks].T), (xt[: k * sum_k], sxt[:blocks].T), dw, ks, layout.padded_sizes, c=dw,
-        )
-        if dtype == torch.float32:
-            return dw
-        return into("dw_out", out, dw.to(dtype))
+        return wgrad

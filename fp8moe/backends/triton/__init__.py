@@ -13,17 +13,26 @@ Nothing reads device memory on the host, so the whole forward and backward are C
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
 from fp8moe.backends.base import Backend, check_grad_buffers
 from fp8moe.backends.triton.kernels import k_grouped_gemm, m_grouped_gemm
-from fp8moe.layout import plan_groups
+from fp8moe.layout import GroupLayout, plan_groups
 from fp8moe.quant import triton as tq
+
+# wgrad(dyt, sdyt, xt, sxt, dw_dtype, dw_out) -> dw, for the group plan it was prepared for
+WgradGemm = Callable[[Tensor, Tensor, Tensor, Tensor, torch.dtype, "Tensor | None"], Tensor]
 
 
 class TritonBackend(Backend):
+    """The Triton quantizers and GEMMs. Subclasses keep the quantizers and this orchestration and swap
+    GEMMs: :attr:`m_grouped_gemm` (forward and dgrad) and :meth:`prepare_wgrad` (wgrad)."""
+
     name = "triton"
+    m_grouped_gemm = staticmethod(m_grouped_gemm)
 
     @classmethod
     def unavailable_reason(cls, device: torch.device) -> str | None:
@@ -33,6 +42,10 @@ class TritonBackend(Backend):
         if major < 9:
             return f"needs a GPU with TMA and FP8 tensor cores (compute capability 9.0 or newer), got sm_{major}{minor}"
         return None
+
+    def prepare_wgrad(self, layout: GroupLayout) -> WgradGemm:
+        """The wgrad GEMM for ``layout``, prepared at the top of the backward and called at its end."""
+        return lambda dyt, sdyt, xt, sxt, dtype, out: k_grouped_gemm(dyt, sdyt, xt, sxt, layout, dtype, out)
 
     def quantize_weight(
         self, w: Tensor, transposed: bool, *, out_t: tuple[Tensor, Tensor] | None = None
@@ -44,7 +57,7 @@ class TritonBackend(Backend):
     ) -> Tensor:
         layout = plan_groups(offsets, x.shape[0])
         xq, sx = tq.quantize_rows_padded(x, layout)
-        return m_grouped_gemm(xq, sx, wq, sw, layout, out_dtype, out)
+        return self.m_grouped_gemm(xq, sx, wq, sw, layout, out_dtype, out)
 
     def backward(
         self,
@@ -63,6 +76,7 @@ class TritonBackend(Backend):
     ) -> tuple[Tensor | None, Tensor | None]:
         check_grad_buffers(dy, x, offsets.shape[0], dx_dtype, dw_dtype, dx_out, dw_out)
         layout = plan_groups(offsets, x.shape[0])
+        wgrad = self.prepare_wgrad(layout) if need_dw else None
         # Two kernels, not the one-read quantize_grad_output: on an H100 they take 0.20 ms together against
         # its 0.36 ms (experiments/results/bench_kernels.md); its 128x128 tiles suit neither layout.
         if need_dx:
@@ -71,9 +85,9 @@ class TritonBackend(Backend):
             dyt, sdyt = tq.quantize_token_tiles(dy, layout)
         dx = dw = None
         if need_dx:
-            dx = m_grouped_gemm(dyq, sdy, wq_t, sw_t, layout, dx_dtype, dx_out)
+            dx = self.m_grouped_gemm(dyq, sdy, wq_t, sw_t, layout, dx_dtype, dx_out)
             del dyq, sdy  # free the dgrad operand before the wgrad operands are allocated
         if need_dw:
             xt, sxt = tq.quantize_token_tiles(x, layout)
-            dw = k_grouped_gemm(dyt, sdyt, xt, sxt, layout, dw_dtype, dw_out)
+            dw = wgrad(dyt, sdyt, xt, sxt, dw_dtype, dw_out)
         return dx, dw

@@ -1,0 +1,122 @@
+"""The Triton and DeepGEMM backends' own code (quantizer calls, group plan, GEMM calls, out= buffers, the
+DeepGEMM wgrad's host read) run on the CPU: the Triton kernels under the Triton interpreter, DeepGEMM's
+two kernels replaced by a float64 model of their documented contract (so this checks our side of the
+calls: operand and scale views, padded layouts, the host list of group sizes; DeepGEMM itself is tested
+on the GPU by test_backend_deepgemm). Both against the reference backend, in a child process with
+``TRITON_INTERPRET=1`` (see test_quant_triton.run_in_the_interpreter).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import types
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+from test_quant_triton import _quantize_tiles_converting_like_the_interpreter, run_configs_once, run_in_the_interpreter
+
+from fp8moe.quant import reference
+from fp8moe.quant.reference import BLOCK
+
+
+def _dequant_rows(a: torch.Tensor, sa: torch.Tensor) -> torch.Tensor:
+    """(R, C) e4m3 with (R, C/128) scales -> float64."""
+    return a.double() * sa.double().repeat_interleave(BLOCK, 1)
+
+
+def _dequant_blocks(b: torch.Tensor, sb: torch.Tensor) -> torch.Tensor:
+    """(E, N, K) e4m3 with (E, N/128, K/128) scales -> float64."""
+    return b.double() * sb.double().repeat_interleave(BLOCK, 1).repeat_interleave(BLOCK, 2)
+
+
+def fake_deep_gemm() -> types.ModuleType:
+    """deep_gemm's two SM90 grouped kernels as float64 torch, following their contract as the backend uses
+    it: m-grouped NT on (Mp, K) rows with MN-major (Mp, K/128) scales and a per-row expert id (-1: row
+    skipped), writing bf16 d; k-grouped NT on flat per-group (C, k_g) blocks with (C, sum_k/128) scales,
+    accumulating into fp32 d (c is d)."""
+    module = types.ModuleType("deep_gemm")
+
+    def m_grouped_fp8_gemm_nt_contiguous(a_pair, b_pair, d, m_indices, recipe_a, recipe_b, disable_ue8m0_cast):
+        (a, sa), (b, sb) = a_pair, b_pair
+        assert recipe_a == (1, 128) and recipe_b == (128, 128) and disable_ue8m0_cast
+        assert a.shape[0] == sa.shape[0] == d.shape[0] == m_indices.shape[0] and sa.stride(0) == 1  # MN-major
+        assert d.dtype == torch.bfloat16 and m_indices.dtype == torch.int32
+        a64, b64 = _dequant_rows(a, sa), _dequant_blocks(b, sb)
+        for row, expert in enumerate(m_indices.tolist()):
+            if expert >= 0:
+                d[row] = (a64[row] @ b64[expert].T).to(d.dtype)
+
+    def k_grouped_fp8_gemm_nt_contiguous(a_pair, b_pair, d, ks, ks_tensor, c):
+        (a, sa), (b, sb) = a_pair, b_pair
+        assert c is d and d.dtype == torch.float32 and isinstance(ks, list)
+        assert ks == ks_tensor.tolist() and all(k % BLOCK == 0 for k in ks)
+        n, k = d.shape[1], d.shape[2]
+        start = 0
+        for g, length in enumerate(ks):
+            cols = slice(start // BLOCK, (start + length) // BLOCK)
+            a_g = a[n * start : n * (start + length)].view(n, length)
+            b_g = b[k * start : k * (start + length)].view(k, length)
+            d[g] += (_dequant_rows(a_g, sa[:, cols]) @ _dequant_rows(b_g, sb[:, cols]).T).float()
+            start += length
+
+    module.m_grouped_fp8_gemm_nt_contiguous = m_grouped_fp8_gemm_nt_contiguous
+    module.k_grouped_fp8_gemm_nt_contiguous = k_grouped_fp8_gemm_nt_contiguous
+    return module
+
+
+class _NoEvent:  # torch.cuda.Event on a machine without CUDA: the host copy it orders is synchronous there
+    def record(self) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+def interpreter_checks() -> None:
+    """Run in a child process with TRITON_INTERPRET=1 (see test_backends_under_the_triton_interpreter)."""
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    # The reference recipe's fp32 -> e4m3 cast done the interpreter's (inexact) way, as in test_quant_triton.
+    reference.quantize_tiles = _quantize_tiles_converting_like_the_interpreter
+    sys.modules["deep_gemm"] = fake_deep_gemm()
+    torch.cuda.Event = _NoEvent
+    from fp8moe.backends.deepgemm import DeepGEMMBackend
+    from fp8moe.backends.reference import ReferenceBackend
+    from fp8moe.backends.triton import TritonBackend, kernels
+    from fp8moe.quant import triton as tq
+    from fp8moe.testing import sqnr_db
+
+    for tuner in (kernels._m_grouped_kernel, kernels._k_grouped_kernel, tq._quantize_weight_kernel):
+        run_configs_once(tuner, tuner.configs[:1])
+    run_configs_once(tq._quantize_tokens_kernel, tq._quantize_tokens_kernel.configs[-1:])  # 128x128 tiles
+
+    gen = torch.Generator().manual_seed(0)
+    m, n, k = 200, 128, 256
+    offsets = torch.tensor([0, 70, 71, 190], dtype=torch.int32)  # empty, 70 rows, 1 row, 119 rows; 10 unrouted
+    x = torch.randn(m, k, generator=gen).bfloat16()
+    w = (torch.randn(4, n, k, generator=gen) / math.sqrt(k)).bfloat16()
+    dy = torch.randn(m, n, generator=gen).bfloat16()
+    ref = ReferenceBackend()
+    rq = ref.quantize_weight(w, True)
+    y_ref = ref.forward(x, rq[0], rq[1], offsets, torch.float32)
+    dx_ref, dw_ref = ref.backward(dy, x, rq[2], rq[3], offsets, True, True, torch.float32, torch.float32)
+    for backend in (TritonBackend(), DeepGEMMBackend()):
+        wq, sw, wq_t, sw_t = backend.quantize_weight(w, True)
+        y = backend.forward(x, wq, sw, offsets, torch.float32)
+        dx, dw = backend.backward(dy, x, wq_t, sw_t, offsets, True, True, torch.float32, torch.float32)
+        for name, got, want in (("y", y, y_ref), ("dx", dx, dx_ref), ("dw", dw, dw_ref)):
+            db = sqnr_db(want, got)
+            assert db >= 40, f"{backend.name} {name}: {db:.1f} dB against the reference backend"
+        assert not y[190:].any() and not dx[190:].any() and not dw[0].any()
+        # the same bits into caller buffers, and a backward without dgrad
+        y_out, dw_out = torch.full_like(y, math.nan), torch.full_like(dw, math.nan).bfloat16()
+        assert backend.forward(x, wq, sw, offsets, torch.float32, out=y_out) is y_out and torch.equal(y_out, y)
+        none, dw16 = backend.backward(dy, x, wq_t, sw_t, offsets, False, True, torch.float32, torch.bfloat16, dw_out=dw_out)
+        assert none is None and dw16 is dw_out and sqnr_db(dw, dw_out.float()) >= 45
+
+
+def test_backends_under_the_triton_interpreter():
+    run_in_the_interpreter("test_backends_interpreted")
