@@ -101,13 +101,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--size", choices=tuple(SIZES), default="gpu" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, help="optimizer steps (default: the size's)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        help="sequences per step (default: the size's); JAX's bf16 ragged_dot needs a smaller one on one GPU",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seeds the initial weights and the batches")
     parser.add_argument("--data", type=Path, help="a text file or folder (default: the Python stdlib sources)")
     parser.add_argument("--out", type=Path, help="output folder (default: experiments/runs/<date>-<size>)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the torch model")
     args = parser.parse_args(argv)
-    if args.steps is not None and args.steps < 1:
-        parser.error(f"--steps: expected >= 1, got {args.steps}")
+    for flag in ("steps", "batch_size"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')}: expected >= 1, got {getattr(args, flag)}")
     return args
 
 
@@ -226,6 +232,8 @@ def main(argv: list[str] | None = None) -> list[RunLog]:
     cfg, train_cfg = SIZES[args.size]
     if args.steps is not None:
         train_cfg = dataclasses.replace(train_cfg, steps=args.steps)
+    if args.batch_size is not None:
+        train_cfg = dataclasses.replace(train_cfg, batch_size=args.batch_size)
     frameworks = FRAMEWORKS if args.framework == "both" else (args.framework,)
     precisions = PRECISIONS if args.precision == "both" else (args.precision,)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
