@@ -40,6 +40,7 @@ class TrainConfig:
     aux_coef: float = 0.01
     num_evals: int = 10
     eval_batches: int = 4
+    jax_batch_size: int | None = None  # the JAX runs' batch when it must be smaller (None: batch_size)
 
     @property
     def warmup_steps(self) -> int:
@@ -56,10 +57,13 @@ SIZES: dict[str, tuple[ModelConfig, TrainConfig]] = {
         ModelConfig(d_model=128, d_ff=256, num_experts=4, top_k=2, num_layers=2, num_heads=2, seq_len=64),
         TrainConfig(batch_size=8, steps=300, lr=1e-3, num_evals=10, eval_batches=4),
     ),
-    # A few minutes per run on one H100: 32k tokens per step, expert GEMMs of M = 65536 rows.
+    # A few minutes per run on one H100: 32k tokens per step, expert GEMMs of M = 65536 rows. JAX at 8k:
+    # its bf16 jax.lax.ragged_dot runs densely over all experts and needs ~46 GiB at 32k (measured).
     "gpu": (
         ModelConfig(d_model=2048, d_ff=2048, num_experts=8, top_k=2, num_layers=4, num_heads=16, seq_len=1024),
-        TrainConfig(batch_size=32, steps=600, lr=5e-4, warmup_fraction=0.1, num_evals=12, eval_batches=8),
+        TrainConfig(
+            batch_size=32, steps=600, lr=5e-4, warmup_fraction=0.1, num_evals=12, eval_batches=8, jax_batch_size=8
+        ),
     ),
 }
 

@@ -177,11 +177,12 @@ def summary_table(logs: list[RunLog]) -> str:
             f"| {log.name} | {log.expert_gemms} | {log.final_train_loss:.4f} | {log.final_held_out_loss:.4f} | {gap} | "
             f"{log.tokens_per_s:,.0f} | {log.ms_per_step:.1f} | {speedup} |"
         )
-    held_out = {(log.framework, log.precision): log.final_held_out_loss for log in logs}
+    runs = {(log.framework, log.precision): log for log in logs}
     spreads = [
-        f"{precision} {relative_pct(held_out['jax', precision], held_out['torch', precision]):+.2f}%"
-        for precision in PRECISIONS
-        if ("torch", precision) in held_out and ("jax", precision) in held_out
+        f"{p} {relative_pct(runs['jax', p].final_held_out_loss, runs['torch', p].final_held_out_loss):+.2f}%"
+        for p in PRECISIONS
+        if ("torch", p) in runs and ("jax", p) in runs
+        and runs["torch", p].tokens_per_step == runs["jax", p].tokens_per_step  # else not the same batches
     ]
     if spreads:
         lines.append(
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> list[RunLog]:
     if args.steps is not None:
         train_cfg = dataclasses.replace(train_cfg, steps=args.steps)
     if args.batch_size is not None:
-        train_cfg = dataclasses.replace(train_cfg, batch_size=args.batch_size)
+        train_cfg = dataclasses.replace(train_cfg, batch_size=args.batch_size, jax_batch_size=None)
     frameworks = FRAMEWORKS if args.framework == "both" else (args.framework,)
     precisions = PRECISIONS if args.precision == "both" else (args.precision,)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -254,38 +255,48 @@ def main(argv: list[str] | None = None) -> list[RunLog]:
         if device.type == "cuda"
         else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     )
+    run_cfgs = {
+        framework: dataclasses.replace(train_cfg, batch_size=train_cfg.jax_batch_size)
+        if framework == "jax" and train_cfg.jax_batch_size is not None
+        else train_cfg
+        for framework in frameworks
+    }
     tokens = train_cfg.batch_size * cfg.seq_len
     print(f"{date} on {device_name}; fp8moe backend auto: {fp8moe.backend_info(device)['auto']}")
     print(f"data: {corpus.source} ({corpus.num_files} files, {corpus.train.size:,} train bytes, ", end="")
     print(f"{corpus.held_out.size:,} held-out bytes)")
     print(f"model ({args.size}): {cfg}\ntraining: {train_cfg}, {tokens} tokens/step")
+    if "jax" in run_cfgs and run_cfgs["jax"] is not train_cfg:
+        print(f"JAX runs: batch {run_cfgs['jax'].batch_size} ({run_cfgs['jax'].batch_size * cfg.seq_len} tokens/step)")
     for framework, reason in skipped.items():
         print(f"skipping {framework}: {reason}")
 
     logs = []
     for framework in frameworks:
+        run_cfg = run_cfgs[framework]
+        run_tokens = run_cfg.batch_size * cfg.seq_len
         for precision in precisions:
             if framework == "torch":
                 from _model_torch import TorchTrainer
 
-                trainer = TorchTrainer(cfg, train_cfg, precision, args.backend, device, args.compile, args.seed)
+                trainer = TorchTrainer(cfg, run_cfg, precision, args.backend, device, args.compile, args.seed)
                 run_device = device
             else:
                 import jax
                 from _model_jax import JaxTrainer
                 from _model_torch import initial_weights
 
-                trainer = JaxTrainer(cfg, train_cfg, precision, args.backend, initial_weights(cfg, args.seed))
+                trainer = JaxTrainer(cfg, run_cfg, precision, args.backend, initial_weights(cfg, args.seed))
                 run_device = torch.device("cpu" if jax.default_backend() == "cpu" else "cuda")
             log = RunLog(
                 framework,
                 precision,
-                expert_gemms(precision, args.backend, run_device, cfg, tokens),
+                expert_gemms(precision, args.backend, run_device, cfg, run_tokens),
                 str(run_device),
-                train_cfg.steps,
-                tokens,
+                run_cfg.steps,
+                run_tokens,
             )
-            train(trainer, log, corpus, train_cfg, cfg.seq_len, args.seed)
+            train(trainer, log, corpus, run_cfg, cfg.seq_len, args.seed)
             del trainer
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -294,7 +305,7 @@ def main(argv: list[str] | None = None) -> list[RunLog]:
                     log.to_json()
                     | {
                         "model": dataclasses.asdict(cfg),
-                        "train": dataclasses.asdict(train_cfg),
+                        "train": dataclasses.asdict(run_cfg),
                         "data": corpus.source,
                         "seed": args.seed,
                         "date": date,
@@ -305,7 +316,8 @@ def main(argv: list[str] | None = None) -> list[RunLog]:
             )
             logs.append(log)
 
-    title = f"{args.size} size, {train_cfg.steps} steps, {tokens} tokens/step - {device_name} - {date}"
+    token_counts = " / ".join(f"{n} tokens/step" for n in sorted({log.tokens_per_step for log in logs}, reverse=True))
+    title = f"{args.size} size, {train_cfg.steps} steps, {token_counts} - {device_name} - {date}"
     table = summary_table(logs)
     (out / "summary.md").write_text(f"{title}\n\n{table}\n")
     plot(logs, title, out / "loss.png")

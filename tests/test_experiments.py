@@ -1,5 +1,6 @@
 """Smoke and unit tests of the experiments (CPU, small): data, schedule, torch/JAX model twins, train_moe, compare."""
 
+import dataclasses
 import itertools
 import json
 import sys
@@ -173,3 +174,20 @@ def test_compare_reports_every_implementation_against_the_float64_recipe(capsys)
         assert all(torch.equal(a, b) for a, b in zip(results["jax bridge reference"], results["fp8moe reference"]))
     out = capsys.readouterr().out
     assert "pairwise SQNR (dB) of dw" in out
+
+
+@pytest.mark.skipif(JAX_MISSING is not None, reason=str(JAX_MISSING))
+def test_jax_runs_take_their_own_batch_where_the_size_sets_one(tmp_path, monkeypatch):
+    import _config
+
+    cfg, train_cfg = SIZES["cpu"]
+    monkeypatch.setitem(_config.SIZES, "cpu", (cfg, dataclasses.replace(train_cfg, jax_batch_size=2)))
+    argv = ["--size", "cpu", "--steps", "2", "--precision", "bf16", "--data", str(stdlib_path() / "json")]
+    logs = train_moe.main([*argv, "--out", str(tmp_path / "sized")])
+    tokens = {log.framework: log.tokens_per_step for log in logs}
+    assert tokens == {"torch": train_cfg.batch_size * cfg.seq_len, "jax": 2 * cfg.seq_len}
+    assert json.loads((tmp_path / "sized" / "jax_bf16.json").read_text())["train"]["batch_size"] == 2
+    assert "Same weights, same batches" not in (tmp_path / "sized" / "summary.md").read_text()
+    # an explicit --batch-size applies to both frameworks
+    logs = train_moe.main([*argv, "--batch-size", "3", "--out", str(tmp_path / "flag")])
+    assert {log.tokens_per_step for log in logs} == {3 * cfg.seq_len}
