@@ -134,7 +134,7 @@ def raw_deepgemm_rows(x, w, dy, offsets) -> list[tuple[str, float, float]]:
     xq, sx = tq.quantize_rows_padded(x, layout)
     dyq, sdy, dyt, sdyt = tq.quantize_grad_output(dy, layout)
     xt, sxt = tq.quantize_token_tiles(x, layout)
-    mp, (e, n, k) = layout.num_padded_rows, w.shape
+    mp, (n, k) = layout.num_padded_rows, w.shape[1:]
     ks = layout.padded_sizes.tolist()
     routed = int(offsets[-1])
     flops = 2 * routed * n * k
@@ -238,8 +238,8 @@ def table(routing: str, rows: list[Row], raw: list, flops: float) -> list[str]:
         "",
         f"## routing: {routing}",
         "",
-        "| case | fwd ms | fwd+bwd ms | fwd speedup vs bf16 | fwd+bwd speedup vs bf16 | fwd+bwd speedup vs torchao (DeepGEMM) "
-        "| fwd TFLOP/s | peak MiB | note |",
+        "| case | fwd ms | fwd+bwd ms | fwd speedup vs bf16 | fwd+bwd speedup vs bf16 "
+        "| fwd+bwd speedup vs torchao (DeepGEMM) | fwd TFLOP/s | peak MiB | note |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

@@ -181,7 +181,8 @@ def summary_table(logs: list[RunLog]) -> str:
     spreads = [
         f"{p} {relative_pct(runs['jax', p].final_held_out_loss, runs['torch', p].final_held_out_loss):+.2f}%"
         for p in PRECISIONS
-        if ("torch", p) in runs and ("jax", p) in runs
+        if ("torch", p) in runs
+        and ("jax", p) in runs
         and runs["torch", p].tokens_per_step == runs["jax", p].tokens_per_step  # else not the same batches
     ]
     if spreads:

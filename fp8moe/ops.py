@@ -28,7 +28,12 @@ def _(w: Tensor, backend: str, transposed: bool) -> tuple[Tensor, Tensor, Tensor
     sw = w.new_empty((e, n // BLOCK, k // BLOCK), dtype=torch.float32)
     if not transposed:
         return wq, sw, w.new_empty(0, dtype=FP8_DTYPE), w.new_empty(0, dtype=torch.float32)
-    return wq, sw, w.new_empty((e, k, n), dtype=FP8_DTYPE), w.new_empty((e, k // BLOCK, n // BLOCK), dtype=torch.float32)
+    return (
+        wq,
+        sw,
+        w.new_empty((e, k, n), dtype=FP8_DTYPE),
+        w.new_empty((e, k // BLOCK, n // BLOCK), dtype=torch.float32),
+    )
 
 
 @torch.library.custom_op("fp8moe::grouped_mm_forward", mutates_args=())

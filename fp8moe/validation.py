@@ -37,9 +37,7 @@ def _row_major_strides(t: Tensor) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-def check_grouped_mm_args(
-    x: object, w: object, offsets: object, out_dtype: object, validate: bool = False
-) -> None:
+def check_grouped_mm_args(x: object, w: object, offsets: object, out_dtype: object, validate: bool = False) -> None:
     """Check the arguments of :func:`fp8moe.grouped_mm` (see its docstring for the contract).
 
     Shape, dtype, device and stride rules cost nothing and always run. The rules on the *values* of
@@ -62,9 +60,7 @@ def check_grouped_mm_args(
         check_offsets_values(offsets, x.shape[0])
 
 
-def check_grouped_mm_shapes(
-    x_shape: tuple[int, int], w_shape: tuple[int, int, int], offsets_shape: tuple[int]
-) -> None:
+def check_grouped_mm_shapes(x_shape: tuple[int, int], w_shape: tuple[int, int, int], offsets_shape: tuple[int]) -> None:
     """The rules between the shapes of x (M, K), w (E, N, K) and offsets (E,), on plain tuples.
 
     Framework-neutral (the torch op and the JAX bridge share it); the ranks are checked before.

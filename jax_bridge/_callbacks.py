@@ -123,6 +123,15 @@ class BackwardCallback:
             dx_out = next(grads) if self.need_dx else None
             dw_out = next(grads) if self.need_dw else None
             backend.backward(
-                dy_t, x_t, wq_t, sw_t, offsets_t, self.need_dx, self.need_dw, self.dx_dtype, self.dw_dtype,
-                dx_out=dx_out, dw_out=dw_out,
+                dy_t,
+                x_t,
+                wq_t,
+                sw_t,
+                offsets_t,
+                self.need_dx,
+                self.need_dw,
+                self.dx_dtype,
+                self.dw_dtype,
+                dx_out=dx_out,
+                dw_out=dw_out,
             )

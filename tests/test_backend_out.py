@@ -31,7 +31,9 @@ def poisoned(shape, dtype):
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.uint8) if t.dtype == FP8_DTYPE else t.view(torch.int16 if t.element_size() == 2 else torch.int32)
+    return (
+        t.view(torch.uint8) if t.dtype == FP8_DTYPE else t.view(torch.int16 if t.element_size() == 2 else torch.int32)
+    )
 
 
 @pytest.mark.parametrize("name", BACKENDS)
@@ -77,7 +79,15 @@ def test_a_wrong_buffer_is_rejected_by_name(name):
         backend.forward(x, wq, sw, offsets, torch.bfloat16, out=torch.empty(m, n, device=DEVICE))
     with pytest.raises(ValueError, match="dx_out: expected a contiguous tensor of shape"):
         backend.backward(
-            torch.randn(m, n, device=DEVICE), x, wq_t, sw_t, offsets, True, False, torch.float32, torch.float32,
+            torch.randn(m, n, device=DEVICE),
+            x,
+            wq_t,
+            sw_t,
+            offsets,
+            True,
+            False,
+            torch.float32,
+            torch.float32,
             dx_out=torch.empty(m, k + 128, device=DEVICE),
         )
     with pytest.raises(TypeError, match=r"out_t\[0\]: expected dtype"):

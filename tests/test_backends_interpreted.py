@@ -114,7 +114,9 @@ def interpreter_checks() -> None:
         # the same bits into caller buffers, and a backward without dgrad
         y_out, dw_out = torch.full_like(y, math.nan), torch.full_like(dw, math.nan).bfloat16()
         assert backend.forward(x, wq, sw, offsets, torch.float32, out=y_out) is y_out and torch.equal(y_out, y)
-        none, dw16 = backend.backward(dy, x, wq_t, sw_t, offsets, False, True, torch.float32, torch.bfloat16, dw_out=dw_out)
+        none, dw16 = backend.backward(
+            dy, x, wq_t, sw_t, offsets, False, True, torch.float32, torch.bfloat16, dw_out=dw_out
+        )
         assert none is None and dw16 is dw_out and sqnr_db(dw, dw_out.float()) >= 45
 
 

@@ -2,13 +2,12 @@
 
 import math
 
-import numpy as np
 import pytest
 import torch
+from recipe64 import grouped_mm_fwd_bwd
 
 import fp8moe
 from fp8moe.testing import random_offsets, sqnr_db
-from recipe64 import grouped_mm_fwd_bwd
 
 ROUTINGS = {
     "ragged": dict(empty_groups=0, tail_rows=0),
@@ -175,5 +174,7 @@ def test_torch_compile_fullgraph(compiler, tol):
 
 def test_auto_on_cpu_is_reference():
     x, w, offsets, dy = make_problem(11, m=200, n=128, k=128, e=2)
-    torch.testing.assert_close(fp8moe.grouped_mm(x, w, offsets), fp8moe.grouped_mm(x, w, offsets, backend="reference"), rtol=0, atol=0)
+    torch.testing.assert_close(
+        fp8moe.grouped_mm(x, w, offsets), fp8moe.grouped_mm(x, w, offsets, backend="reference"), rtol=0, atol=0
+    )
     assert fp8moe.backend_info("cpu")["auto"] == "reference"

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from recipe64 import fq_blocks, fq_rows, fq_token_tiles
 
 from fp8moe.quant import (
     FP8_DTYPE,
@@ -16,7 +17,6 @@ from fp8moe.quant import (
     quantize_colwise,
     quantize_rowwise,
 )
-from recipe64 import fq_blocks, fq_rows, fq_token_tiles
 
 
 @pytest.fixture

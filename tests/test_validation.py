@@ -26,20 +26,60 @@ BAD = {
     "x_dtype": (TypeError, "x: expected dtype in", dict(x=torch.randn(300, 256).half())),
     "x_int": (TypeError, "x: expected dtype in", dict(x=torch.ones(300, 256, dtype=torch.int32))),
     "x_non_contiguous": (ValueError, "x: expected a contiguous row-major tensor", dict(x=torch.randn(256, 300).T)),
-    "x_k_not_multiple": (ValueError, "x: K = x.shape.1. must be a multiple of 128", dict(x=torch.randn(300, 200), w=torch.randn(3, 128, 200))),
+    "x_k_not_multiple": (
+        ValueError,
+        "x: K = x.shape.1. must be a multiple of 128",
+        dict(x=torch.randn(300, 200), w=torch.randn(3, 128, 200)),
+    ),
     "w_rank": (ValueError, "w: expected a 3-D tensor", dict(w=torch.randn(128, 256))),
     "w_dtype": (TypeError, "w: expected dtype in", dict(w=torch.randn(3, 128, 256, dtype=torch.float64))),
-    "w_strided": (ValueError, "w: expected a contiguous row-major tensor", dict(w=torch.randn(3, 256, 128).transpose(1, 2))),
+    "w_strided": (
+        ValueError,
+        "w: expected a contiguous row-major tensor",
+        dict(w=torch.randn(3, 256, 128).transpose(1, 2)),
+    ),
     "w_n_not_multiple": (ValueError, "w: N = w.shape.1. must be a multiple of 128", dict(w=torch.randn(3, 100, 256))),
-    "k_mismatch": (ValueError, r"w: expected w.shape\[2\] == K == x.shape\[1\] == 256, got 384", dict(w=torch.randn(3, 128, 384))),
-    "no_experts": (ValueError, "w: expected at least one expert", dict(w=torch.randn(0, 128, 256), offsets=torch.zeros(0, dtype=torch.int32))),
+    "k_mismatch": (
+        ValueError,
+        r"w: expected w.shape\[2\] == K == x.shape\[1\] == 256, got 384",
+        dict(w=torch.randn(3, 128, 384)),
+    ),
+    "no_experts": (
+        ValueError,
+        "w: expected at least one expert",
+        dict(w=torch.randn(0, 128, 256), offsets=torch.zeros(0, dtype=torch.int32)),
+    ),
     "offsets_dtype": (TypeError, "offsets: expected dtype in .*int32", dict(offsets=torch.tensor([100, 100, 300]))),
-    "offsets_rank": (ValueError, "offsets: expected a 1-D tensor", dict(offsets=torch.tensor([[100, 100, 300]], dtype=torch.int32))),
-    "offsets_strided": (ValueError, "offsets: expected a contiguous", dict(offsets=torch.tensor([100, 0, 100, 0, 300, 0], dtype=torch.int32)[::2])),
-    "expert_count_mismatch": (ValueError, r"offsets: expected shape \(3,\)", dict(offsets=torch.tensor([100, 300], dtype=torch.int32))),
-    "offsets_decreasing": (ValueError, r"offsets: expected non-decreasing values, got offsets\[2\] = 50 < offsets\[1\] = 100", dict(offsets=torch.tensor([100, 100, 50], dtype=torch.int32))),
-    "offsets_past_m": (ValueError, r"offsets: expected offsets\[-1\] <= M = 300, got 301", dict(offsets=torch.tensor([100, 100, 301], dtype=torch.int32))),
-    "offsets_negative": (ValueError, "offsets: expected non-negative values", dict(offsets=torch.tensor([-1, 100, 300], dtype=torch.int32))),
+    "offsets_rank": (
+        ValueError,
+        "offsets: expected a 1-D tensor",
+        dict(offsets=torch.tensor([[100, 100, 300]], dtype=torch.int32)),
+    ),
+    "offsets_strided": (
+        ValueError,
+        "offsets: expected a contiguous",
+        dict(offsets=torch.tensor([100, 0, 100, 0, 300, 0], dtype=torch.int32)[::2]),
+    ),
+    "expert_count_mismatch": (
+        ValueError,
+        r"offsets: expected shape \(3,\)",
+        dict(offsets=torch.tensor([100, 300], dtype=torch.int32)),
+    ),
+    "offsets_decreasing": (
+        ValueError,
+        r"offsets: expected non-decreasing values, got offsets\[2\] = 50 < offsets\[1\] = 100",
+        dict(offsets=torch.tensor([100, 100, 50], dtype=torch.int32)),
+    ),
+    "offsets_past_m": (
+        ValueError,
+        r"offsets: expected offsets\[-1\] <= M = 300, got 301",
+        dict(offsets=torch.tensor([100, 100, 301], dtype=torch.int32)),
+    ),
+    "offsets_negative": (
+        ValueError,
+        "offsets: expected non-negative values",
+        dict(offsets=torch.tensor([-1, 100, 300], dtype=torch.int32)),
+    ),
 }
 
 

@@ -87,9 +87,7 @@ def _first_runnable(device: torch.device, shape: tuple[int, int, int, int] | Non
     raise RuntimeError("no fp8moe backend can run: " + "; ".join(skipped))
 
 
-def select_backend(
-    name: str, device: torch.device, num_rows: int, n: int, k: int, num_groups: int
-) -> Selection:
+def select_backend(name: str, device: torch.device, num_rows: int, n: int, k: int, num_groups: int) -> Selection:
     """Resolve ``name`` ("auto" or a backend name) for a problem on ``device``.
 
     Raises ``ValueError`` for an unknown name and ``RuntimeError`` naming the reason when an explicitly
@@ -109,9 +107,7 @@ def select_backend(
 
 
 @torch.compiler.assume_constant_result
-def resolve_backend_name(
-    name: str, device: torch.device, num_rows: int, n: int, k: int, num_groups: int
-) -> str:
+def resolve_backend_name(name: str, device: torch.device, num_rows: int, n: int, k: int, num_groups: int) -> str:
     """:func:`select_backend` reduced to the chosen name; ``torch.compile`` runs it once at trace time."""
     return select_backend(name, device, num_rows, n, k, num_groups).backend.name
 
@@ -135,4 +131,13 @@ def backend_info(device: torch.device | str | None = None) -> dict:
     return {"device": str(device), "auto": auto, "reason": why, "backends": reasons}
 
 
-__all__ = ["BACKEND_NAMES", "ENV_VAR", "Backend", "Selection", "backend_info", "load_backend", "resolve_backend_name", "select_backend"]
+__all__ = [
+    "BACKEND_NAMES",
+    "ENV_VAR",
+    "Backend",
+    "Selection",
+    "backend_info",
+    "load_backend",
+    "resolve_backend_name",
+    "select_backend",
+]

@@ -57,11 +57,18 @@ def m_grouped_gemm(
     (into ``out`` when given). DeepGEMM writes bf16; other dtypes take one conversion after the gather."""
     d = padded_output(layout, b.shape[1], torch.bfloat16)
     deep_gemm.m_grouped_fp8_gemm_nt_contiguous(
-        (a, sa.T), (b, sb), d[:-1], layout.row_expert,
-        recipe_a=(1, 128), recipe_b=(128, 128), disable_ue8m0_cast=True,
+        (a, sa.T),
+        (b, sb),
+        d[:-1],
+        layout.row_expert,
+        recipe_a=(1, 128),
+        recipe_b=(128, 128),
+        disable_ue8m0_cast=True,
     )
     if out_dtype == torch.bfloat16 and out is not None:
-        return gather_padded_output(d, layout, check_out("out", out, (layout.num_rows, b.shape[1]), out_dtype, d.device))
+        return gather_padded_output(
+            d, layout, check_out("out", out, (layout.num_rows, b.shape[1]), out_dtype, d.device)
+        )
     return into("out", out, gather_padded_output(d, layout).to(out_dtype))
 
 
@@ -87,7 +94,12 @@ def k_grouped_gemm(
     else:
         dw = torch.zeros(shape, dtype=torch.float32, device=dyt.device)
     deep_gemm.k_grouped_fp8_gemm_nt_contiguous(
-        (dyt[: n * sum_k], sdyt[:blocks].T), (xt[: k * sum_k], sxt[:blocks].T), dw, ks, layout.padded_sizes, c=dw,
+        (dyt[: n * sum_k], sdyt[:blocks].T),
+        (xt[: k * sum_k], sxt[:blocks].T),
+        dw,
+        ks,
+        layout.padded_sizes,
+        c=dw,
     )
     if out_dtype == torch.float32:
         return dw
