@@ -34,7 +34,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import numpy as np
 import torch
-from _config import SIZES, ModelConfig, TrainConfig, lr_at
+from _config import SIZES, TrainConfig, lr_at
 from data import Corpus, held_out_batches, load_corpus, train_batch
 from tqdm import tqdm
 
@@ -117,12 +117,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def expert_gemms(precision: str, backend: str, device: torch.device, cfg: ModelConfig, tokens: int) -> str:
-    """What runs the expert GEMMs of a run (the fp8moe backend that "auto" resolves to for this shape)."""
+def expert_gemms(precision: str, backend: str, device: torch.device) -> str:
+    """What runs the expert GEMMs of a run (the fp8moe backend that "auto" resolves to on ``device``)."""
     if precision == "bf16":
         return "bf16"
-    rows = tokens * cfg.top_k
-    return "fp8 " + select_backend(backend, device, rows, 2 * cfg.d_ff, cfg.d_model, cfg.num_experts).backend.name
+    return "fp8 " + select_backend(backend, device).backend.name
 
 
 def jax_unavailable_reason() -> str | None:
@@ -292,7 +291,7 @@ def main(argv: list[str] | None = None) -> list[RunLog]:
             log = RunLog(
                 framework,
                 precision,
-                expert_gemms(precision, args.backend, run_device, cfg, run_tokens),
+                expert_gemms(precision, args.backend, run_device),
                 str(run_device),
                 run_cfg.steps,
                 run_tokens,

@@ -53,7 +53,8 @@ def grouped_mm(
             ``offsets[-1] <= M``. Empty groups are allowed; rows at or past ``offsets[-1]`` get zero
             output and zero gradient.
         backend: "auto" | "reference" | "triton" | "deepgemm". ``FP8MOE_BACKEND`` overrides "auto".
-        out_dtype: dtype of ``y`` (bf16, fp16 or fp32).
+        out_dtype: dtype of ``y`` (bf16, fp16 or fp32; the DeepGEMM backend computes y and dx in bf16
+            and converts).
         validate: also check the *values* of ``offsets`` (one host read; for tests and debugging).
 
     Returns:
@@ -62,5 +63,5 @@ def grouped_mm(
     K and N must be multiples of 128. The recipe is in :mod:`fp8moe.quant.reference`.
     """
     check_grouped_mm_args(x, w, offsets, out_dtype, validate)
-    name = resolve_backend_name(backend, x.device, x.shape[0], w.shape[1], w.shape[2], w.shape[0])
+    name = resolve_backend_name(backend, x.device)
     return _GroupedMM.apply(x, w, offsets, name, out_dtype)

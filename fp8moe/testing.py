@@ -39,7 +39,7 @@ def random_offsets(
 
     ``empty_groups`` groups (chosen at random) get no rows, the last ``tail_rows`` rows belong to no group
     (``offsets[-1] == num_rows - tail_rows``), and ``skew`` (a fraction in (0, 1)) gives one random group
-    that share of the routed rows.
+    that share of the routed rows (all of them when it is the only non-empty group).
     """
     if not 0 <= empty_groups < num_groups:
         raise ValueError(f"empty_groups: expected 0 <= empty_groups < num_groups = {num_groups}, got {empty_groups}")
@@ -53,7 +53,7 @@ def random_offsets(
     if skew is not None:
         if not 0 < skew < 1:
             raise ValueError(f"skew: expected a fraction in (0, 1), got {skew}")
-        heavy = int(round(skew * routed))
+        heavy = int(round(skew * routed)) if active.numel() > 1 else routed
         sizes[active[0]] = heavy
         routed, active, weights = routed - heavy, active[1:], weights[1:]
     if active.numel():

@@ -2,8 +2,9 @@
 
 Each callback receives ``(ctx, out, *args)``: XLA device buffers, valid only during the call. They are
 wrapped as torch tensors through DLPack (zero copy), and the fp8moe backend that :func:`fp8moe.grouped_mm`
-would run (the same methods its custom ops call, so the results are the same bits) writes its results
-straight into the torch views of the ``out`` buffers (no copies). On a GPU everything is enqueued on XLA's own CUDA
+would run (the same methods its custom ops call, so the results are the same bits) is handed the torch
+views of the ``out`` buffers to write into (the Triton kernels write there directly; see the backends'
+``out`` parameters for the cases that copy). On a GPU everything is enqueued on XLA's own CUDA
 stream (``ctx.stream``), so it is ordered with the surrounding XLA work without any synchronisation.
 
 FP8 residuals cross as ``uint8`` buffers holding the e4m3 bits (viewed as ``torch.float8_e4m3fn`` on the
@@ -33,15 +34,15 @@ _CPU_DEVICES = (DLDeviceType.kDLCPU, DLDeviceType.kDLCUDAHost, DLDeviceType.kDLR
 
 
 @functools.cache
-def _backend_name(requested: str, env_override: str | None, device: torch.device, shape: tuple[int, ...]) -> str:
+def _backend_name(requested: str, env_override: str | None, device: torch.device) -> str:
     del env_override  # part of the cache key only: resolve_backend_name reads the environment itself
-    return resolve_backend_name(requested, device, *shape)
+    return resolve_backend_name(requested, device)
 
 
-def backend_name(requested: str, device: torch.device, m: int, n: int, k: int, e: int) -> str:
-    """The fp8moe backend that ``requested`` ("auto" or a name) resolves to for an (M, N, K, E) problem on
-    ``device``; resolved once per (request, ``FP8MOE_BACKEND``, device, shape), then cached."""
-    return _backend_name(requested, os.environ.get(ENV_VAR), device, (m, n, k, e))
+def backend_name(requested: str, device: torch.device) -> str:
+    """The fp8moe backend that ``requested`` ("auto" or a name) resolves to on ``device``; resolved once
+    per (request, ``FP8MOE_BACKEND``, device), then cached."""
+    return _backend_name(requested, os.environ.get(ENV_VAR), device)
 
 
 def as_torch(buf: Any) -> Tensor:
@@ -86,8 +87,7 @@ class ForwardCallback:
     def __call__(self, ctx: Any, out: Sequence[Any], x: Any, w: Any, offsets: Any) -> None:
         with on_xla_stream(ctx, x):
             x_t, w_t, offsets_t = as_torch(x), as_torch(w), as_torch(offsets)
-            e, n, k = w_t.shape
-            backend = load_backend(backend_name(self.backend, x_t.device, x_t.shape[0], n, k, e))
+            backend = load_backend(backend_name(self.backend, x_t.device))
             out_t = (_fp8(out[1]), as_torch(out[2])) if self.with_residuals else None
             wq, sw, _, _ = backend.quantize_weight(w_t, self.with_residuals, out_t=out_t)
             backend.forward(x_t, wq, sw, offsets_t, self.out_dtype, out=as_torch(out[0]))
@@ -116,9 +116,7 @@ class BackwardCallback:
             else:  # what quantize_weight(w, transposed=False) gives the torch op: empty operands
                 wq_t = torch.empty(0, dtype=FP8_DTYPE, device=dy_t.device)
                 sw_t = torch.empty(0, dtype=torch.float32, device=dy_t.device)
-            m, k = x_t.shape
-            n, e = dy_t.shape[1], offsets_t.shape[0]
-            backend = load_backend(backend_name(self.backend, x_t.device, m, n, k, e))
+            backend = load_backend(backend_name(self.backend, x_t.device))
             grads = iter(as_torch(buf) for buf in out)
             dx_out = next(grads) if self.need_dx else None
             dw_out = next(grads) if self.need_dw else None

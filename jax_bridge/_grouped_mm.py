@@ -205,8 +205,7 @@ def grouped_mm(
     check_grouped_mm_shapes(tuple(x.shape), tuple(w.shape), tuple(offsets.shape))
     # Resolve once at trace time, for the errors (unknown or unusable backend) to surface here; the
     # callbacks resolve again (cached) for the device the buffers are actually on.
-    e, n, k = w.shape
-    backend_name(backend, _torch_device(_platform_of(x)), x.shape[0], n, k, e)
+    backend_name(backend, _torch_device(_platform_of(x)))
     # Inside shard_map: give all operands the same varying axes (a replicated w then gets its gradient summed).
     axes = _varying_axes(x) | _varying_axes(w) | _varying_axes(offsets)
     return _grouped_mm(_vary(x, axes), _vary(w, axes), _vary(offsets, axes), _Config(backend, dtype))

@@ -1,7 +1,7 @@
 """Backend selection: "auto" rules, the FP8MOE_BACKEND override, explicit names never swapped, and
 optional-dependency failures (deep_gemm absent or broken) reported instead of crashing."""
 
-import importlib
+import subprocess
 import sys
 import types
 
@@ -31,17 +31,14 @@ def fake_sm90(monkeypatch, tmp_path, fresh_registry):
     (tmp_path / "bin" / "nvcc").touch()
     monkeypatch.setenv("CUDA_HOME", str(tmp_path))
     capability = {"value": (9, 0)}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability["value"])
     return capability
 
 
-def shape():
-    return dict(num_rows=1024, n=256, k=256, num_groups=4)
-
-
 def test_auto_on_cpu_is_reference_with_a_reason(monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
-    selection = select_backend("auto", torch.device("cpu"), **shape())
+    selection = select_backend("auto", torch.device("cpu"))
     assert selection.backend.name == "reference"
     assert "cpu" in selection.reason
     info = fp8moe.backend_info("cpu")
@@ -51,35 +48,49 @@ def test_auto_on_cpu_is_reference_with_a_reason(monkeypatch):
 
 def test_environment_variable_overrides_auto(monkeypatch):
     monkeypatch.setenv(ENV_VAR, "reference")
-    assert select_backend("auto", torch.device("cpu"), **shape()).reason.endswith(f"environment variable {ENV_VAR}")
+    assert select_backend("auto", torch.device("cpu")).reason.endswith(f"environment variable {ENV_VAR}")
     assert fp8moe.backend_info("cpu")["auto"] == "reference"
     monkeypatch.setenv(ENV_VAR, "fastest")
     with pytest.raises(ValueError, match=f"environment variable {ENV_VAR}: unknown backend 'fastest'"):
-        select_backend("auto", torch.device("cpu"), **shape())
+        select_backend("auto", torch.device("cpu"))
 
 
 def test_environment_variable_does_not_override_an_explicit_name(monkeypatch):
     monkeypatch.setenv(ENV_VAR, "deepgemm")
-    assert select_backend("reference", torch.device("cpu"), **shape()).backend.name == "reference"
+    assert select_backend("reference", torch.device("cpu")).backend.name == "reference"
 
 
 @pytest.mark.parametrize("name", ["deepgemm", "triton"])
 def test_explicit_backend_that_cannot_run_raises_instead_of_swapping(name):
     with pytest.raises(RuntimeError, match=f"argument backend: backend '{name}' cannot run: "):
-        select_backend(name, torch.device("cpu"), **shape())
+        select_backend(name, torch.device("cpu"))
     x, w = torch.randn(256, 128), torch.randn(2, 128, 128)
     with pytest.raises(RuntimeError, match=f"backend '{name}' cannot run"):
         fp8moe.grouped_mm(x, w, torch.tensor([100, 256], dtype=torch.int32), backend=name)
 
 
+def test_importing_fp8moe_and_the_bridge_never_imports_deep_gemm():
+    """In a fresh interpreter where `import deep_gemm` fails, importing everything public still works."""
+    code = (
+        "import sys; sys.modules['deep_gemm'] = None\n"  # None in sys.modules: `import deep_gemm` raises
+        "import fp8moe, fp8moe.moe, fp8moe.ops, fp8moe.quant\n"
+        "import importlib.util\n"
+        "if importlib.util.find_spec('jax'): import jax_bridge, jax_bridge.moe\n"
+        "assert 'fp8moe.backends.deepgemm' not in sys.modules\n"
+        "print(fp8moe.backend_info('cpu')['backends']['deepgemm'])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "import of fp8moe.backends.deepgemm failed" in proc.stdout
+
+
 def test_deep_gemm_absent_is_reported_not_raised(monkeypatch, fresh_registry):
     monkeypatch.setitem(sys.modules, "deep_gemm", None)  # makes `import deep_gemm` raise ImportError
-    importlib.reload(fp8moe)  # importing fp8moe never needs deep_gemm
     info = fp8moe.backend_info("cpu")
     assert "import of fp8moe.backends.deepgemm failed" in info["backends"]["deepgemm"]
     assert "deep_gemm" in info["backends"]["deepgemm"]
     with pytest.raises(RuntimeError, match="import of fp8moe.backends.deepgemm failed"):
-        select_backend("deepgemm", torch.device("cuda"), **shape())
+        select_backend("deepgemm", torch.device("cuda"))
 
 
 def test_deep_gemm_broken_at_import_is_reported(monkeypatch, tmp_path, fresh_registry):
@@ -113,8 +124,24 @@ def test_deepgemm_needs_the_cuda_toolkit(fake_sm90, monkeypatch, tmp_path):
 def test_auto_prefers_deepgemm_on_sm90_then_falls_back(fake_sm90, monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
     cuda = torch.device("cuda", 0)
-    assert select_backend("auto", cuda, **shape()).backend.name == "deepgemm"
+    assert select_backend("auto", cuda).backend.name == "deepgemm"
     fake_sm90["value"] = (10, 0)
-    selection = select_backend("auto", cuda, **shape())
+    selection = select_backend("auto", cuda)
     assert selection.backend.name != "deepgemm"
     assert "deepgemm skipped (needs an SM90 GPU" in selection.reason
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the report where torch sees no GPU")
+def test_a_cuda_device_torch_cannot_see_is_reported_not_raised(monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    info = fp8moe.backend_info("cuda")
+    assert "torch sees none" in info["backends"]["triton"] and info["auto"] == "reference"
+    with pytest.raises(RuntimeError, match="backend 'triton' cannot run: needs a CUDA device, but torch sees none"):
+        select_backend("triton", torch.device("cuda"))
+
+
+def test_auto_in_the_environment_variable_means_auto(monkeypatch):
+    monkeypatch.setenv(ENV_VAR, "auto")
+    info = fp8moe.backend_info("cpu")
+    assert info["auto"] == "reference" and info["reason"].startswith("auto on cpu")
+    assert select_backend("auto", torch.device("cpu")).backend.name == "reference"

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from recipe64 import grouped_mm_fwd_bwd
+from recipe64 import fq_token_tiles, grouped_mm_fwd_bwd
 
 import fp8moe
 from fp8moe.testing import random_offsets, sqnr_db
@@ -132,7 +132,8 @@ def test_quantized_weight_transpose_only_made_when_dgrad_needed(monkeypatch):
 
 
 def test_gradients_match_autograd_of_the_fake_quantized_problem():
-    """dx and dw equal torch.autograd's gradients of a float64 model that fake-quantizes as the recipe does."""
+    """dx and dw equal torch.autograd's gradients of a float64 model that fake-quantizes as the recipe does
+    (for dw: its operands in 128x1 token tiles within the group)."""
     x, w, offsets, dy = make_problem(9, m=300, n=128, k=256, e=3, empty_groups=1)
     y, dx, dw = run(x, w, offsets, dy, out_dtype=torch.float32)
     q = fp8moe.quant
@@ -148,7 +149,14 @@ def test_gradients_match_autograd_of_the_fake_quantized_problem():
         (gx,) = torch.autograd.grad(yg, xg, dyd[lo:hi])
         torch.testing.assert_close(dx[lo:hi].double(), gx, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(y[lo:hi].double(), yg.detach(), rtol=1e-5, atol=1e-5)
-    assert dw.shape == w.shape
+        xt = torch.from_numpy(fq_token_tiles(x[lo:hi].double().numpy()))
+        dyt = torch.from_numpy(fq_token_tiles(dy[lo:hi].double().numpy()))
+        (gw,) = torch.autograd.grad(xt @ wd[g].T, wd, dyt)
+        # dw sums a group's tokens in fp32: its error scales with the largest entry
+        torch.testing.assert_close(dw[g].double(), gw[g], rtol=1e-5, atol=1e-6 * float(gw[g].abs().max()))
+        assert not gw[torch.arange(len(ends)) != g].any()
+    empty = [g for g, (lo, hi) in enumerate(zip([0] + ends[:-1], ends)) if hi == lo]
+    assert empty and not dw[empty].any()
 
 
 # inductor fuses the silu backward differently, which moves dy by an ulp before it is quantized

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from fp8moe.layout import pad_rows, padded_rows_bound, plan_groups, unpad_rows
+from fp8moe.testing import random_offsets
 
 
 def python_layout(ends: list[int], num_rows: int) -> dict:
@@ -88,3 +89,25 @@ def test_plan_rejects_bad_offsets():
         plan_groups(torch.tensor([3, 5]), 5)
     with pytest.raises(ValueError, match="offsets: expected a non-empty 1-D tensor"):
         plan_groups(torch.zeros(0, dtype=torch.int32), 5)
+
+
+@pytest.mark.parametrize(
+    "num_groups, options",
+    [
+        (1, {"skew": 0.4}),
+        (3, {"skew": 0.4, "empty_groups": 2, "tail_rows": 10}),
+        (8, {"skew": 0.4, "empty_groups": 2}),
+        (5, {"empty_groups": 4}),
+        (6, {"tail_rows": 1000}),
+    ],
+)
+def test_random_offsets_route_every_row_but_the_tail(num_groups, options):
+    """The test helper's contract: offsets[-1] == num_rows - tail_rows, the requested empty groups, and
+    the skewed group's share."""
+    offsets = random_offsets(1000, num_groups, generator=torch.Generator().manual_seed(num_groups), **options)
+    sizes = torch.diff(offsets, prepend=offsets.new_zeros(1))
+    assert offsets.dtype == torch.int32 and (sizes >= 0).all()
+    assert int(offsets[-1]) == 1000 - options.get("tail_rows", 0)
+    assert int((sizes == 0).sum()) >= options.get("empty_groups", 0)
+    if "skew" in options and num_groups - options.get("empty_groups", 0) > 1:
+        assert int(sizes.max()) >= round(options["skew"] * int(offsets[-1]))

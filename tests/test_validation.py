@@ -116,7 +116,10 @@ def test_device_mismatch_is_rejected_on_meta():
 
 def test_value_rules_need_validate_but_shape_rules_do_not():
     # offsets past M is a value rule: only checked with validate=True (no host read in the hot path)
-    call(validate=False, offsets=torch.tensor([100, 100, 300], dtype=torch.int32))
+    past_m = torch.tensor([100, 100, 301], dtype=torch.int32)
+    call(validate=False, offsets=past_m)
+    with pytest.raises(ValueError, match=r"offsets: expected offsets\[-1\] <= M = 300, got 301"):
+        call(validate=True, offsets=past_m)
     with pytest.raises(ValueError, match="offsets: expected shape"):
         call(validate=False, offsets=torch.tensor([300], dtype=torch.int32))
 

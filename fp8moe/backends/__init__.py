@@ -1,7 +1,8 @@
 """Backend registry and selection.
 
-``"auto"`` picks, in order: DeepGEMM (``deep_gemm`` imports, the GPU is SM90 and the shape is supported),
-then Triton (any CUDA device), then the reference backend (CPU). ``FP8MOE_BACKEND`` overrides ``"auto"``.
+``"auto"`` picks, in order: DeepGEMM (``deep_gemm`` imports, the GPU is SM90, the CUDA toolkit is present),
+then Triton (a CUDA GPU of compute capability 9.0 or newer), then the reference backend (CPU or any
+device). ``FP8MOE_BACKEND`` (other than "auto") overrides ``"auto"``.
 A backend named explicitly (argument or environment) that cannot run raises; it is never swapped.
 """
 
@@ -65,7 +66,7 @@ class Selection:
 def _requested_name(name: str) -> tuple[str, str]:
     if not isinstance(name, str):
         raise TypeError(f"backend: expected a str, got {type(name).__name__}")
-    if name == "auto" and os.environ.get(ENV_VAR):
+    if name == "auto" and os.environ.get(ENV_VAR, "auto") != "auto":
         name, origin = os.environ[ENV_VAR], f"environment variable {ENV_VAR}"
     else:
         origin = "argument backend"
@@ -74,42 +75,37 @@ def _requested_name(name: str) -> tuple[str, str]:
     return name, origin
 
 
-def _first_runnable(device: torch.device, shape: tuple[int, int, int, int] | None) -> tuple[str, str]:
-    """The first backend in preference order that can run on ``device`` (and ``shape``), and why."""
+def _first_runnable(device: torch.device) -> tuple[str, str]:
+    """The first backend in preference order that can run on ``device``, and why."""
     skipped = []
     for name in _REGISTRY:
         reason = _unavailable_reason(name, device)
-        if reason is None and shape is not None:
-            reason = _load(name).unsupported_reason(*shape)
         if reason is None:
             return name, f"auto on {device.type}: " + ("; ".join(skipped) or "first choice")
         skipped.append(f"{name} skipped ({reason})")
     raise RuntimeError("no fp8moe backend can run: " + "; ".join(skipped))
 
 
-def select_backend(name: str, device: torch.device, num_rows: int, n: int, k: int, num_groups: int) -> Selection:
-    """Resolve ``name`` ("auto" or a backend name) for a problem on ``device``.
+def select_backend(name: str, device: torch.device) -> Selection:
+    """Resolve ``name`` ("auto" or a backend name) for a call on ``device``.
 
     Raises ``ValueError`` for an unknown name and ``RuntimeError`` naming the reason when an explicitly
     named backend cannot run.
     """
     name, origin = _requested_name(name)
-    shape = (num_rows, n, k, num_groups)
     if name == "auto":
-        name, why = _first_runnable(device, shape)
+        name, why = _first_runnable(device)
         return Selection(_load(name), why)
     reason = _unavailable_reason(name, device)
-    if reason is None:
-        reason = _load(name).unsupported_reason(*shape)
     if reason is not None:
         raise RuntimeError(f"{origin}: backend {name!r} cannot run: {reason}")
     return Selection(_load(name), f"requested by {origin}")
 
 
 @torch.compiler.assume_constant_result
-def resolve_backend_name(name: str, device: torch.device, num_rows: int, n: int, k: int, num_groups: int) -> str:
+def resolve_backend_name(name: str, device: torch.device) -> str:
     """:func:`select_backend` reduced to the chosen name; ``torch.compile`` runs it once at trace time."""
-    return select_backend(name, device, num_rows, n, k, num_groups).backend.name
+    return select_backend(name, device).backend.name
 
 
 def backend_info(device: torch.device | str | None = None) -> dict:
@@ -117,17 +113,16 @@ def backend_info(device: torch.device | str | None = None) -> dict:
 
     Returns ``{"device": str, "auto": name, "reason": str, "backends": {name: reason or None}}``; a None
     reason means that backend can run on the device. ``FP8MOE_BACKEND``, when set, is what "auto" uses.
-    Shape limits are not considered here (see :func:`select_backend`).
     """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     reasons = {name: _unavailable_reason(name, device) for name in _REGISTRY}
-    override = os.environ.get(ENV_VAR)
-    if override:
-        auto, why = _requested_name("auto")[0], f"set by environment variable {ENV_VAR}"
+    auto, origin = _requested_name("auto")
+    if auto == "auto":
+        auto, why = _first_runnable(device)
     else:
-        auto, why = _first_runnable(device, None)
+        why = f"set by {origin}"
     return {"device": str(device), "auto": auto, "reason": why, "backends": reasons}
 
 

@@ -31,6 +31,15 @@ def into(name: str, out: Tensor | None, value: Tensor) -> Tensor:
     return check_out(name, out, tuple(value.shape), value.dtype, value.device).copy_(value)
 
 
+def cuda_capability(device: torch.device) -> tuple[int, int] | str:
+    """The (major, minor) compute capability of a CUDA ``device``, or why there is none to ask."""
+    if device.type != "cuda":
+        return f"needs a CUDA device, got {device.type}"
+    if not torch.cuda.is_available():
+        return "needs a CUDA device, but torch sees none (a CPU build of torch, or no visible GPU)"
+    return torch.cuda.get_device_capability(device)
+
+
 def check_grad_buffers(
     dy: Tensor,
     x: Tensor,
@@ -55,10 +64,6 @@ class Backend(abc.ABC):
     @classmethod
     def unavailable_reason(cls, device: torch.device) -> str | None:
         """Why this backend cannot run on ``device`` (None when it can)."""
-        return None
-
-    def unsupported_reason(self, num_rows: int, n: int, k: int, num_groups: int) -> str | None:
-        """Why this backend cannot run a problem of this shape (None when it can)."""
         return None
 
     @abc.abstractmethod

@@ -23,7 +23,7 @@ import deep_gemm
 import torch
 from torch import Tensor
 
-from fp8moe.backends.base import into
+from fp8moe.backends.base import cuda_capability, into
 from fp8moe.backends.triton import TritonBackend, WgradGemm
 from fp8moe.layout import GroupLayout, gather_padded_output, padded_output
 from fp8moe.validation import check_out
@@ -112,9 +112,10 @@ class DeepGEMMBackend(TritonBackend):
 
     @classmethod
     def unavailable_reason(cls, device: torch.device) -> str | None:
-        if device.type != "cuda":
-            return f"needs a CUDA device, got {device.type}"
-        major, minor = torch.cuda.get_device_capability(device)
+        capability = cuda_capability(device)
+        if isinstance(capability, str):
+            return capability
+        major, minor = capability
         if major != 9:
             return f"needs an SM90 GPU (H100/H200; the fp32-scale kernels are SM90-only), got sm_{major}{minor}"
         return _cuda_toolkit_reason()

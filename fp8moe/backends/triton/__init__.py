@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from fp8moe.backends.base import Backend, check_grad_buffers
+from fp8moe.backends.base import Backend, check_grad_buffers, cuda_capability
 from fp8moe.backends.triton.kernels import k_grouped_gemm, m_grouped_gemm
 from fp8moe.layout import GroupLayout, plan_groups
 from fp8moe.quant import triton as tq
@@ -36,9 +36,10 @@ class TritonBackend(Backend):
 
     @classmethod
     def unavailable_reason(cls, device: torch.device) -> str | None:
-        if device.type != "cuda":
-            return f"needs a CUDA device, got {device.type}"
-        major, minor = torch.cuda.get_device_capability(device)
+        capability = cuda_capability(device)
+        if isinstance(capability, str):
+            return capability
+        major, minor = capability
         if major < 9:
             return f"needs a GPU with TMA and FP8 tensor cores (compute capability 9.0 or newer), got sm_{major}{minor}"
         return None
