@@ -1,4 +1,4 @@
-"""Helpers shared by the tests, the benchmarks and the experiments: error metrics and random routings."""
+"""Helpers shared by the tests, the benchmarks and the experiments: error metrics, random routings and problems."""
 
 from __future__ import annotations
 
@@ -61,3 +61,28 @@ def random_offsets(
         share[0] += routed - share.sum()
         sizes[active] += share
     return torch.cumsum(sizes, 0).to(torch.int32).to(device)
+
+
+def random_problem(
+    seed: int,
+    *,
+    m: int = 2048,
+    n: int = 256,
+    k: int = 512,
+    e: int = 8,
+    routing: dict | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fresh random ``x (M, K)``, ``w (E, N, K)`` (scaled by 1/sqrt(K)), ``offsets (E,)`` int32 and
+    ``dy (M, N)`` in ``dtype`` on ``device``. ``routing``: :func:`random_offsets` options, or None for one
+    row per group (the rest unrouted)."""
+    gen = torch.Generator().manual_seed(seed)
+    if routing is None:
+        offsets = torch.arange(1, e + 1, dtype=torch.int32, device=device)
+    else:
+        offsets = random_offsets(m, e, generator=gen, device=device, **routing)
+    x = torch.randn(m, k, generator=gen).to(device, dtype)
+    w = (torch.randn(e, n, k, generator=gen) / math.sqrt(k)).to(device, dtype)
+    dy = torch.randn(m, n, generator=gen).to(device, dtype)
+    return x, w, offsets, dy

@@ -22,7 +22,7 @@ import torch
 import fp8moe
 from fp8moe.backends.reference import ReferenceBackend
 from fp8moe.layout import plan_groups
-from fp8moe.testing import random_offsets, sqnr_db
+from fp8moe.testing import random_problem, sqnr_db
 
 pytest.importorskip("triton")
 from test_quant_triton import (
@@ -80,16 +80,9 @@ def test_unavailable_without_a_gpu_reason():
 # ---- GPU -----------------------------------------------------------------------------------------------
 
 
-def problem(seed, m=2048, n=256, k=512, e=8, routing=None, dtype=torch.bfloat16):
-    gen = torch.Generator().manual_seed(seed)
-    if routing is None:  # every group has a single row
-        offsets = torch.arange(1, e + 1, dtype=torch.int32).cuda()
-    else:
-        offsets = random_offsets(m, e, generator=gen, device="cuda", **routing)
-    x = torch.randn(m, k, generator=gen).to("cuda", dtype)
-    w = (torch.randn(e, n, k, generator=gen) / math.sqrt(k)).to("cuda", dtype)
-    dy = torch.randn(m, n, generator=gen).to("cuda", dtype)
-    return x, w, offsets, dy
+def problem(seed, **options):
+    """random_problem on the GPU; routing None: one row per group."""
+    return random_problem(seed, device="cuda", **options)
 
 
 def fwd_bwd(backend, x, w, offsets, dy, out_dtype=torch.bfloat16, need=(True, True)):

@@ -16,6 +16,7 @@ write straight into XLA's output buffers.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -31,13 +32,15 @@ def into(name: str, out: Tensor | None, value: Tensor) -> Tensor:
     return check_out(name, out, tuple(value.shape), value.dtype, value.device).copy_(value)
 
 
-def cuda_capability(device: torch.device) -> tuple[int, int] | str:
-    """The (major, minor) compute capability of a CUDA ``device``, or why there is none to ask."""
+def cuda_capability_reason(device: torch.device, accepts: Callable[[int], bool], needs: str) -> str | None:
+    """None when ``device`` is a CUDA GPU whose major compute capability ``accepts``, else why not
+    (``needs``: what the backend needs, for the message)."""
     if device.type != "cuda":
         return f"needs a CUDA device, got {device.type}"
     if not torch.cuda.is_available():
         return "needs a CUDA device, but torch sees none (a CPU build of torch, or no visible GPU)"
-    return torch.cuda.get_device_capability(device)
+    major, minor = torch.cuda.get_device_capability(device)
+    return None if accepts(major) else f"needs {needs}, got sm_{major}{minor}"
 
 
 def check_grad_buffers(

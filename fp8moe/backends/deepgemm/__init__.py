@@ -23,7 +23,7 @@ import deep_gemm
 import torch
 from torch import Tensor
 
-from fp8moe.backends.base import cuda_capability, into
+from fp8moe.backends.base import cuda_capability_reason, into
 from fp8moe.backends.triton import TritonBackend, WgradGemm
 from fp8moe.layout import GroupLayout, gather_padded_output, padded_output
 from fp8moe.validation import check_out
@@ -112,13 +112,8 @@ class DeepGEMMBackend(TritonBackend):
 
     @classmethod
     def unavailable_reason(cls, device: torch.device) -> str | None:
-        capability = cuda_capability(device)
-        if isinstance(capability, str):
-            return capability
-        major, minor = capability
-        if major != 9:
-            return f"needs an SM90 GPU (H100/H200; the fp32-scale kernels are SM90-only), got sm_{major}{minor}"
-        return _cuda_toolkit_reason()
+        needs = "an SM90 GPU (H100/H200; the fp32-scale kernels are SM90-only)"
+        return cuda_capability_reason(device, lambda major: major == 9, needs) or _cuda_toolkit_reason()
 
     def prepare_wgrad(self, layout: GroupLayout) -> WgradGemm:
         """Start the one host read (the padded group sizes) now; wait for it only at the wgrad launch."""

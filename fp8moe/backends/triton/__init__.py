@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from fp8moe.backends.base import Backend, check_grad_buffers, cuda_capability
+from fp8moe.backends.base import Backend, check_grad_buffers, cuda_capability_reason
 from fp8moe.backends.triton.kernels import k_grouped_gemm, m_grouped_gemm
 from fp8moe.layout import GroupLayout, plan_groups
 from fp8moe.quant import triton as tq
@@ -36,13 +36,8 @@ class TritonBackend(Backend):
 
     @classmethod
     def unavailable_reason(cls, device: torch.device) -> str | None:
-        capability = cuda_capability(device)
-        if isinstance(capability, str):
-            return capability
-        major, minor = capability
-        if major < 9:
-            return f"needs a GPU with TMA and FP8 tensor cores (compute capability 9.0 or newer), got sm_{major}{minor}"
-        return None
+        needs = "a GPU with TMA and FP8 tensor cores (compute capability 9.0 or newer)"
+        return cuda_capability_reason(device, lambda major: major >= 9, needs)
 
     def prepare_wgrad(self, layout: GroupLayout) -> WgradGemm:
         """The wgrad GEMM for ``layout``, prepared at the top of the backward and called at its end."""
