@@ -1,4 +1,4 @@
-"""The torch side of the bridge: ``buffer_callback`` bodies that run fp8moe's custom ops on XLA's buffers.
+"""The torch side of the bridge: ``buffer_callback`` bodies that run an fp8moe backend on XLA's buffers.
 
 Each callback receives ``(ctx, out, *args)``: XLA device buffers, valid only during the call. They are
 wrapped as torch tensors through DLPack (zero copy), and the fp8moe backend that :func:`fp8moe.grouped_mm`

@@ -111,9 +111,12 @@ def interpreter_checks() -> None:
             db = sqnr_db(want, got)
             assert db >= 40, f"{backend.name} {name}: {db:.1f} dB against the reference backend"
         assert not y[190:].any() and not dx[190:].any() and not dw[0].any()
-        # the same bits into caller buffers, and a backward without dgrad
+        # the same bits into caller buffers (fp32 and bf16 y), and a backward without dgrad
         y_out, dw_out = torch.full_like(y, math.nan), torch.full_like(dw, math.nan).bfloat16()
         assert backend.forward(x, wq, sw, offsets, torch.float32, out=y_out) is y_out and torch.equal(y_out, y)
+        y16, y16_out = backend.forward(x, wq, sw, offsets, torch.bfloat16), torch.full_like(y_out, math.nan).bfloat16()
+        assert backend.forward(x, wq, sw, offsets, torch.bfloat16, out=y16_out) is y16_out
+        assert torch.equal(y16_out, y16) and sqnr_db(y, y16.float()) >= 40
         none, dw16 = backend.backward(
             dy, x, wq_t, sw_t, offsets, False, True, torch.float32, torch.bfloat16, dw_out=dw_out
         )

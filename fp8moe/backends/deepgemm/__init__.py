@@ -65,11 +65,11 @@ def m_grouped_gemm(
         recipe_b=(128, 128),
         disable_ue8m0_cast=True,
     )
-    if out_dtype == torch.bfloat16 and out is not None:
-        return gather_padded_output(
-            d, layout, check_out("out", out, (layout.num_rows, b.shape[1]), out_dtype, d.device)
-        )
-    return into("out", out, gather_padded_output(d, layout).to(out_dtype))
+    if out_dtype != torch.bfloat16:
+        return into("out", out, gather_padded_output(d, layout).to(out_dtype))
+    if out is not None:
+        check_out("out", out, (layout.num_rows, b.shape[1]), out_dtype, d.device)
+    return gather_padded_output(d, layout, out)
 
 
 def k_grouped_gemm(
