@@ -191,3 +191,10 @@ def test_jax_runs_take_their_own_batch_where_the_size_sets_one(tmp_path, monkeyp
     # an explicit --batch-size applies to both frameworks
     logs = train_moe.main([*argv, "--batch-size", "3", "--out", str(tmp_path / "flag")])
     assert {log.tokens_per_step for log in logs} == {3 * cfg.seq_len}
+
+
+@pytest.mark.parametrize("flag", ["--steps", "--batch-size"])
+def test_train_moe_rejects_a_count_below_one_naming_the_flag(flag, capsys):
+    with pytest.raises(SystemExit):
+        train_moe.parse_args([flag, "0"])
+    assert f"{flag}: expected >= 1, got 0" in capsys.readouterr().err
