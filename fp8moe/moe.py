@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from fp8moe.autograd import grouped_mm
 from fp8moe.backends import BACKEND_NAMES
-from fp8moe.quant.reference import BLOCK
+from fp8moe.recipe import BLOCK
 
 PRECISIONS = ("bf16", "fp8")
 

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from fp8moe.backends import load_backend
-from fp8moe.quant.reference import BLOCK, FP8_DTYPE
+from fp8moe.recipe import BLOCK, FP8_DTYPE
 
 
 @torch.library.custom_op("fp8moe::quantize_weight", mutates_args=())

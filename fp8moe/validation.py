@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fp8moe.quant.reference import BLOCK
+from fp8moe.recipe import BLOCK
 
 INPUT_DTYPES = (torch.bfloat16, torch.float32)
 OUTPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)

@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.utils.dlpack import DLDeviceType
 
 from fp8moe.backends import ENV_VAR, load_backend, resolve_backend_name
-from fp8moe.quant.reference import FP8_DTYPE
+from fp8moe.recipe import FP8_DTYPE
 
 _CPU_DEVICES = (DLDeviceType.kDLCPU, DLDeviceType.kDLCUDAHost, DLDeviceType.kDLROCMHost)
 

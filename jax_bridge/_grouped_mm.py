@@ -24,7 +24,7 @@ import torch
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 from jax.experimental.buffer_callback import buffer_callback
 
-from fp8moe.quant.reference import BLOCK
+from fp8moe.recipe import BLOCK
 from fp8moe.validation import check_grouped_mm_shapes
 from jax_bridge._callbacks import BackwardCallback, ForwardCallback, backend_name
 

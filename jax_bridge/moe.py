@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from fp8moe.backends import BACKEND_NAMES
-from fp8moe.quant.reference import BLOCK
+from fp8moe.recipe import BLOCK
 from jax_bridge._grouped_mm import grouped_mm
 
 PRECISIONS = ("bf16", "fp8")

@@ -11,6 +11,7 @@ import numpy as np
 
 E4M3_MAX = 448.0
 TILE = 128
+MIN_NORMAL = 2.0**-126  # values below read as zero; a tile whose scale is below it is a zero tile
 
 
 def round_e4m3(v: np.ndarray) -> np.ndarray:
@@ -27,11 +28,15 @@ def round_e4m3(v: np.ndarray) -> np.ndarray:
 def quantize_tiles(tiles: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
     """Fake-quantize ``tiles`` (one tile spans ``axes``): returns the dequantized float64 values."""
     t32 = tiles.astype(np.float32)
+    t32 = np.where(np.abs(t32) < MIN_NORMAL, np.float32(0), t32)
     amax = np.max(np.abs(t32), axis=axes, keepdims=True)
     scale = (amax / np.float32(E4M3_MAX)).astype(np.float32)
-    divisor = np.where(amax == 0, np.float32(1), scale)
+    zero_tile = scale < MIN_NORMAL
+    scale = np.where(zero_tile, np.float32(0), scale)
+    divisor = np.where(zero_tile, np.float32(1), scale)
     with np.errstate(invalid="ignore", divide="ignore"):
         q = round_e4m3((t32 / divisor).astype(np.float32))
+        q = np.where(zero_tile, 0.0, q)
         return q * scale.astype(np.float64)
 
 

@@ -14,7 +14,7 @@ import torch
 
 import fp8moe
 from fp8moe.backends import load_backend
-from fp8moe.quant.reference import FP8_DTYPE
+from fp8moe.recipe import FP8_DTYPE
 from fp8moe.testing import random_offsets
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

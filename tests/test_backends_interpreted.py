@@ -20,7 +20,7 @@ pytest.importorskip("triton")
 from test_quant_triton import _quantize_tiles_converting_like_the_interpreter, run_configs_once, run_in_the_interpreter
 
 from fp8moe.quant import reference
-from fp8moe.quant.reference import BLOCK
+from fp8moe.recipe import BLOCK
 
 
 def _dequant_rows(a: torch.Tensor, sa: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,8 @@ import torch
 
 from fp8moe.layout import GroupLayout, pad_rows, plan_groups
 from fp8moe.quant import reference
-from fp8moe.quant.reference import BLOCK, FP8_DTYPE, FP8_MAX, quantize_blockwise, quantize_colwise, quantize_rowwise
+from fp8moe.quant.reference import quantize_blockwise, quantize_colwise, quantize_rowwise
+from fp8moe.recipe import BLOCK, FP8_DTYPE, FP8_MAX
 from fp8moe.testing import random_offsets
 
 tq = pytest.importorskip("fp8moe.quant.triton", reason="triton is not importable")

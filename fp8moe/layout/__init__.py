@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fp8moe.quant.reference import BLOCK
+from fp8moe.recipe import BLOCK
 
 
 def padded_rows_bound(num_rows: int, num_groups: int) -> int:

@@ -1,9 +1,6 @@
 """FP8 quantization: the recipe in plain torch (:mod:`.reference`) and layout-writing GPU kernels."""
 
 from fp8moe.quant.reference import (
-    BLOCK,
-    FP8_DTYPE,
-    FP8_MAX,
     dequantize_blockwise,
     dequantize_colwise,
     dequantize_rowwise,
@@ -11,11 +8,13 @@ from fp8moe.quant.reference import (
     quantize_colwise,
     quantize_rowwise,
 )
+from fp8moe.recipe import BLOCK, FP8_DTYPE, FP8_MAX, MIN_NORMAL
 
 __all__ = [
     "BLOCK",
     "FP8_DTYPE",
     "FP8_MAX",
+    "MIN_NORMAL",
     "dequantize_blockwise",
     "dequantize_colwise",
     "dequantize_rowwise",

@@ -1,15 +1,8 @@
-"""The quantization recipe, written once in plain torch (CPU or GPU).
-
-Recipe (DeepSeek-V3 blockwise FP8):
-- values are ``torch.float8_e4m3fn`` (finite max 448), scales are fp32 *dequantization multipliers*;
-- a tile's scale is ``amax / 448`` computed in fp32, its values are ``clamp(v / scale, -448, 448)`` cast
-  to e4m3 with round-to-nearest-even; an all-zero tile has scale 0 and values 0 (never NaN);
-- NaN or Inf anywhere in a tile makes its scale non-finite, so the tile dequantizes to NaN and the
-  GEMM output it feeds is NaN ("NaN in, NaN out").
+"""The quantization recipe of :mod:`fp8moe.recipe`, written once in plain torch (CPU or GPU).
 
 Tile shapes: *rowwise* 1x128 (one scale per row per 128 columns), *blockwise* 128x128, *colwise* 128x1
-(one scale per column per 128 rows). The Triton kernels in :mod:`fp8moe.quant.triton` produce the same
-bits in backend-specific layouts; these functions are their ground truth.
+(one scale per column per 128 rows). The Triton kernels in :mod:`fp8moe.kernels` produce the same bits in
+the layouts the GEMMs read; these functions are their ground truth.
 """
 
 from __future__ import annotations
@@ -17,22 +10,30 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0
-BLOCK = 128
+from fp8moe.recipe import BLOCK, FP8_DTYPE, FP8_MAX, MIN_NORMAL
 
 
 def quantize_tiles(tiles: Tensor, amax: Tensor) -> tuple[Tensor, Tensor]:
-    """Quantize fp32 ``tiles`` given each tile's ``amax`` (broadcastable to ``tiles``).
+    """Quantize fp32 ``tiles`` (tiny values already flushed, see :func:`flush_tiny`) given each tile's
+    ``amax`` (broadcastable to ``tiles``).
 
     Returns ``(values e4m3 like tiles, scales fp32 like amax)``.
     """
     # A tensor divisor: CUDA torch divides by a Python scalar through its rounded reciprocal, which is
     # not the IEEE quotient; tensor / tensor is, on every device, so the recipe's bits do not depend on it.
     scale = amax / torch.full_like(amax, FP8_MAX)
-    divisor = torch.where(amax == 0, torch.ones_like(scale), scale)
-    values = (tiles / divisor).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    zero_tile = scale < MIN_NORMAL  # False for NaN: a NaN scale stays NaN
+    scale = torch.where(zero_tile, torch.zeros_like(scale), scale)
+    divisor = torch.where(zero_tile, torch.ones_like(scale), scale)
+    values = (tiles / divisor).clamp(-FP8_MAX, FP8_MAX)
+    values = torch.where(zero_tile, torch.zeros_like(values), values).to(FP8_DTYPE)
     return values, scale
+
+
+def flush_tiny(x: Tensor) -> Tensor:
+    """x upcast to fp32 with every ``|v| < MIN_NORMAL`` (subnormals) replaced by +0; NaN and Inf kept."""
+    x = x.float()
+    return torch.where(x.abs() < MIN_NORMAL, torch.zeros((), dtype=x.dtype, device=x.device), x)
 
 
 def _tile_amax(tiles: Tensor, dims: tuple[int, ...]) -> Tensor:
@@ -48,7 +49,7 @@ def _check_multiple(t: Tensor, dim: int, name: str) -> None:
 def quantize_rowwise(x: Tensor) -> tuple[Tensor, Tensor]:
     """1x128 tiles along the last dim. x (..., K) -> (values (..., K) e4m3, scales (..., K/128) fp32)."""
     _check_multiple(x, -1, "x")
-    tiles = x.float().unflatten(-1, (-1, BLOCK))
+    tiles = flush_tiny(x).unflatten(-1, (-1, BLOCK))
     values, scale = quantize_tiles(tiles, _tile_amax(tiles, (-1,)))
     return values.flatten(-2), scale.squeeze(-1)
 
@@ -58,7 +59,7 @@ def quantize_colwise(x: Tensor) -> tuple[Tensor, Tensor]:
     if x.dim() != 2:
         raise ValueError(f"x: expected a 2-D tensor, got shape {tuple(x.shape)}")
     _check_multiple(x, 0, "x")
-    tiles = x.float().unflatten(0, (-1, BLOCK))
+    tiles = flush_tiny(x).unflatten(0, (-1, BLOCK))
     values, scale = quantize_tiles(tiles, _tile_amax(tiles, (1,)))
     return values.flatten(0, 1), scale.squeeze(1)
 
@@ -71,7 +72,7 @@ def quantize_blockwise(w: Tensor) -> tuple[Tensor, Tensor]:
     _check_multiple(w, -1, "w")
     _check_multiple(w, -2, "w")
     n, k = w.shape[-2:]
-    tiles = w.float().reshape(*w.shape[:-2], n // BLOCK, BLOCK, k // BLOCK, BLOCK)
+    tiles = flush_tiny(w).reshape(*w.shape[:-2], n // BLOCK, BLOCK, k // BLOCK, BLOCK)
     values, scale = quantize_tiles(tiles, _tile_amax(tiles, (-3, -1)))
     return values.reshape(w.shape), scale.squeeze(-1).squeeze(-2)
 

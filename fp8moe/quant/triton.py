@@ -30,11 +30,12 @@ import triton.language as tl
 from torch import Tensor
 
 from fp8moe.layout import GroupLayout
-from fp8moe.quant.reference import BLOCK, FP8_DTYPE, FP8_MAX
+from fp8moe.recipe import BLOCK, FP8_DTYPE, FP8_MAX, MIN_NORMAL
 from fp8moe.validation import check_out
 
 _INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _MAX = tl.constexpr(FP8_MAX)  # jit code reads only constexpr globals
+_MIN_NORMAL = tl.constexpr(MIN_NORMAL)
 
 
 def _token_configs() -> list[triton.Config]:
@@ -72,10 +73,19 @@ def _quantize(x, amax):
     torch's; the clamp keeps NaN, and the e4m3 conversion rounds to nearest even.
     """
     scale = tl.div_rn(amax, _MAX)
-    divisor = tl.where(amax == 0.0, 1.0, scale)
-    values = tl.div_rn(x, divisor)
+    zero_tile = scale < _MIN_NORMAL  # False for NaN
+    scale = tl.where(zero_tile, 0.0, scale)
+    values = tl.div_rn(x, tl.where(zero_tile, 1.0, scale))
     values = tl.clamp(values, -_MAX, _MAX, propagate_nan=tl.PropagateNan.ALL)
+    values = tl.where(zero_tile, 0.0, values)
     return values.to(tl.float8e4nv), scale
+
+
+@triton.jit
+def _flush_tiny(x):
+    """x in fp32 with |v| < 2^-126 (subnormals) replaced by +0 (the recipe's rule for tiny values)."""
+    x = x.to(tl.float32)
+    return tl.where(tl.abs(x) < _MIN_NORMAL, 0.0, x)
 
 
 @triton.autotune(
@@ -115,7 +125,7 @@ def _quantize_tokens_kernel(
     cols = col_block * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
     src = tl.load(padded_to_row_ptr + rows)
     x_ptrs = x_ptr + src.to(tl.int64)[:, None] * stride_x + cols[None, :]
-    x = tl.load(x_ptrs, mask=src[:, None] >= 0, other=0.0).to(tl.float32)
+    x = _flush_tiny(tl.load(x_ptrs, mask=src[:, None] >= 0, other=0.0))
 
     if ROWWISE:
         q, s = _quantize(x, _abs_max(x, 1)[:, None])
@@ -154,7 +164,7 @@ def _quantize_weight_kernel(w_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, N, K, TRANSPOSE
     base = expert.to(tl.int64) * N * K
     rows = rows.to(tl.int64)
     cols = cols.to(tl.int64)
-    w = tl.load(w_ptr + base + rows[:, None] * K + cols[None, :]).to(tl.float32)
+    w = _flush_tiny(tl.load(w_ptr + base + rows[:, None] * K + cols[None, :]))
     amax = _abs_max(_abs_max(w, 1), 0)
     q, s = _quantize(w, amax)
     n_blocks = N // TILE

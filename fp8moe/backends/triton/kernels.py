@@ -22,7 +22,7 @@ from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from fp8moe.layout import GroupLayout
-from fp8moe.quant.reference import BLOCK, FP8_DTYPE
+from fp8moe.recipe import BLOCK, FP8_DTYPE
 from fp8moe.validation import check_out
 
 
