@@ -1,38 +1,90 @@
-"""``grouped_mm``: the differentiable FP8 blockwise grouped GEMM (a ``torch.autograd.Function``)."""
+"""``grouped_mm``: the differentiable FP8 blockwise grouped GEMM (a ``torch.autograd.Function``).
+
+One call: the backend is resolved (cached), the routing planned once (or the caller's plan taken), the
+weight quantized (or taken from the weight cache), x read once into the forward operand and, when the
+weight gradient will be needed, into the 128x1 token tiles that are saved for the backward instead of x.
+The backward reads dy once into both its operands and runs only the GEMMs whose gradients are needed.
+"""
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
-from fp8moe import ops
-from fp8moe.backends import resolve_backend_name
-from fp8moe.validation import check_grouped_mm_args
+from fp8moe import ops, weight_cache
+from fp8moe.backends import check_wgrad, resolve_backend
+from fp8moe.plan import GroupLayout
+from fp8moe.validation import check_grouped_mm_args, check_main_grad, check_offsets_values, check_plan
+
+
+def _call(eager, op, *args):
+    """The custom op under ``torch.compile`` (traced whole), else the plain function (no dispatch cost)."""
+    return op(*args) if torch.compiler.is_compiling() else eager(*args)
 
 
 class _GroupedMM(torch.autograd.Function):
-    """y = x @ w[e].T per group; saves x, offsets and the transposed quantized weight for the backward."""
+    """y = x @ w[e].T per group; saves x's token tiles, the transposed quantized weight and the plan."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor, offsets: Tensor, backend: str, out_dtype: torch.dtype) -> Tensor:
-        need_dx = ctx.needs_input_grad[0]
-        wq, sw, wq_t, sw_t = ops.quantize_weight(w, backend, need_dx)
-        y = ops.grouped_mm_forward(x, wq, sw, offsets, backend, out_dtype)
-        ctx.save_for_backward(x, offsets, wq_t, sw_t)
+    def forward(
+        ctx,
+        x: Tensor,
+        w: Tensor,
+        offsets: Tensor,
+        plan_data: Tensor | None,
+        main_grad: Tensor | None,
+        backend: str,
+        out_dtype: torch.dtype,
+        cache_weight: bool,
+    ) -> Tensor:
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if plan_data is None:
+            plan_data = _call(ops.plan, ops.plan_op, offsets, x.shape[0])
+        quantized = None
+        # Not under torch.compile (quantized in the graph) nor in CUDA-graph capture (a replay must requantize).
+        use_cache = cache_weight and not torch.compiler.is_compiling()
+        use_cache = use_cache and not (w.is_cuda and torch.cuda.is_current_stream_capturing())
+        if use_cache:
+            quantized = weight_cache.lookup(w, backend, need_dx)
+        if quantized is None:
+            quantized = _call(ops.quantize_weight, ops.quantize_weight_op, w, backend, need_dx)
+            if use_cache:
+                weight_cache.store(w, backend, need_dx, quantized)
+        wq, sw, wq_t, sw_t = quantized
+        y, xt, sxt = _call(ops.forward, ops.forward_op, x, wq, sw, offsets, plan_data, backend, out_dtype, need_dw)
+        ctx.save_for_backward(xt, sxt, wq_t, sw_t, offsets, plan_data)
+        ctx.main_grad = main_grad
         ctx.backend = backend
         ctx.dtypes = (x.dtype, w.dtype)
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:
-        x, offsets, wq_t, sw_t = ctx.saved_tensors
+        xt, sxt, wq_t, sw_t, offsets, plan_data = ctx.saved_tensors
         need_dx, need_dw = ctx.needs_input_grad[:2]
         if not (need_dx or need_dw):
-            return None, None, None, None, None
-        dx, dw = ops.grouped_mm_backward(
-            dy.contiguous(), x, wq_t, sw_t, offsets, ctx.backend, need_dx, need_dw, *ctx.dtypes
+            return (None,) * 8
+        dx, dw = _call(
+            ops.backward,
+            ops.backward_op,
+            dy.contiguous(),
+            xt,
+            sxt,
+            wq_t,
+            sw_t,
+            offsets,
+            plan_data,
+            ctx.main_grad if need_dw else None,
+            ctx.backend,
+            need_dx,
+            need_dw,
+            *ctx.dtypes,
         )
-        return (dx if need_dx else None), (dw if need_dw else None), None, None, None
+        return (dx if need_dx else None), (dw if need_dw and ctx.main_grad is None else None), *(None,) * 6
 
 
 def grouped_mm(
@@ -42,12 +94,17 @@ def grouped_mm(
     *,
     backend: str = "auto",
     out_dtype: torch.dtype = torch.bfloat16,
+    wgrad: str | None = None,
+    cache_weight: bool = True,
+    main_grad: Tensor | None = None,
+    plan: GroupLayout | None = None,
     validate: bool = False,
 ) -> Tensor:
     """Blockwise-FP8 grouped GEMM: ``y[rows of e] = x[rows of e] @ w[e].T``.
 
     Args:
-        x: (M, K) bf16 or fp32, row-major; tokens sorted by expert.
+        x: (M, K) bf16 or fp32, row-major; tokens sorted by expert. Quantized from its own dtype: an
+            active ``torch.autocast`` does not cast it (nor change the recipe's arithmetic).
         w: (E, N, K) bf16 or fp32, row-major; a stack of per-expert ``nn.Linear`` weights (out x in).
         offsets: (E,) int32 on ``x.device``: cumulative end row of each expert's group, non-decreasing,
             ``offsets[-1] <= M``. Empty groups are allowed; rows at or past ``offsets[-1]`` get zero
@@ -55,13 +112,36 @@ def grouped_mm(
         backend: "auto" | "reference" | "triton" | "deepgemm". ``FP8MOE_BACKEND`` overrides "auto".
         out_dtype: dtype of ``y`` (bf16, fp16 or fp32; the DeepGEMM backend computes y and dx in bf16
             and converts).
-        validate: also check the *values* of ``offsets`` (one host read; for tests and debugging).
+        wgrad: the K-grouped GEMM that computes the weight gradient: None (the backend's own),
+            "deepgemm", "triton" or "reference".
+        cache_weight: reuse the quantized weight while ``w`` is unchanged (same tensor, storage and
+            version; see :mod:`fp8moe.weight_cache`). Eager calls only.
+        main_grad: an fp32 (E, N, K) contiguous buffer on ``x.device``: the weight gradient is *added*
+            into it (gradient-accumulation fusion: no zero-fill, no cast, no autograd accumulation) and
+            ``w.grad`` is left untouched.
+        plan: the routing's plan, ``fp8moe.plan_groups(offsets, M)``, to share between calls (the two
+            GEMMs of an MoE layer); built here when None. Its ``offsets`` must be ``offsets`` itself.
+        validate: also check the *values* of ``offsets`` (one host read; for tests and debugging;
+            skipped with a warning under ``torch.compile``).
 
     Returns:
-        y: (M, N) ``out_dtype``. Differentiable in ``x`` and ``w`` (gradients in their dtypes).
+        y: (M, N) ``out_dtype``. Differentiable in ``x`` and ``w`` (gradients in their dtypes), once:
+        differentiating the gradients again raises.
 
-    K and N must be multiples of 128. The recipe is in :mod:`fp8moe.quant.reference`.
+    K and N must be multiples of 128. The recipe is in :mod:`fp8moe.recipe`.
     """
-    check_grouped_mm_args(x, w, offsets, out_dtype, validate)
-    name = resolve_backend_name(backend, x.device)
-    return _GroupedMM.apply(x, w, offsets, name, out_dtype)
+    check_grouped_mm_args(x, w, offsets, out_dtype)
+    if not isinstance(cache_weight, bool):
+        raise TypeError(f"cache_weight: expected a bool, got {type(cache_weight).__name__}")
+    if main_grad is not None:
+        check_main_grad(main_grad, w)
+    if plan is not None:
+        check_plan(plan, offsets, x.shape[0])
+    if validate:
+        if torch.compiler.is_compiling():
+            warnings.warn("grouped_mm: validate=True reads offsets on the host; skipped under torch.compile")
+        else:
+            check_offsets_values(offsets, x.shape[0])
+    key = resolve_backend(backend, x.device, check_wgrad(wgrad))
+    plan_data = None if plan is None else plan.data
+    return _GroupedMM.apply(x, w, offsets, plan_data, main_grad, key, out_dtype, cache_weight)

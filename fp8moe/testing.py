@@ -86,3 +86,24 @@ def random_problem(
     w = (torch.randn(e, n, k, generator=gen) / math.sqrt(k)).to(device, dtype)
     dy = torch.randn(m, n, generator=gen).to(device, dtype)
     return x, w, offsets, dy
+
+
+def backend_fwd_bwd(
+    backend: str,
+    x: Tensor,
+    quantized_weight: tuple[Tensor, Tensor, Tensor, Tensor],
+    offsets: Tensor,
+    dy: Tensor,
+    out_dtype: torch.dtype = torch.float32,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """y, dx, dw of one backend's methods (no autograd) on a given quantized weight (wq, sw, wq_t, sw_t),
+    every result in ``out_dtype``."""
+    from fp8moe.backends import load_backend
+    from fp8moe.plan import plan_groups
+
+    impl = load_backend(backend)
+    wq, sw, wq_t, sw_t = quantized_weight
+    plan = plan_groups(offsets, x.shape[0])
+    y, xt, sxt = impl.forward(x, wq, sw, plan, out_dtype, token_tiles=True)
+    dx, dw = impl.backward(dy, xt, sxt, wq_t, sw_t, plan, True, True, out_dtype, out_dtype)
+    return y, dx, dw

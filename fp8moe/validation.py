@@ -37,11 +37,11 @@ def _row_major_strides(t: Tensor) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-def check_grouped_mm_args(x: object, w: object, offsets: object, out_dtype: object, validate: bool = False) -> None:
+def check_grouped_mm_args(x: object, w: object, offsets: object, out_dtype: object) -> None:
     """Check the arguments of :func:`fp8moe.grouped_mm` (see its docstring for the contract).
 
     Shape, dtype, device and stride rules cost nothing and always run. The rules on the *values* of
-    ``offsets`` (non-negative, non-decreasing, last <= M) need a host read and run only when ``validate``.
+    ``offsets`` (non-negative, non-decreasing, last <= M) need a host read: :func:`check_offsets_values`.
     """
     x = _tensor("x", x, 2, INPUT_DTYPES)
     w = _tensor("w", w, 3, INPUT_DTYPES)
@@ -56,8 +56,28 @@ def check_grouped_mm_args(x: object, w: object, offsets: object, out_dtype: obje
     _contiguous("w", w)
     _contiguous("offsets", offsets)
     check_grouped_mm_shapes(tuple(x.shape), tuple(w.shape), tuple(offsets.shape))
-    if validate:
-        check_offsets_values(offsets, x.shape[0])
+
+
+def check_main_grad(main_grad: object, w: Tensor) -> Tensor:
+    """Raise unless ``main_grad`` is an fp32 contiguous tensor of w's shape on w's device."""
+    if not isinstance(main_grad, Tensor):
+        raise TypeError(f"main_grad: expected a torch.Tensor or None, got {type(main_grad).__name__}")
+    if main_grad.requires_grad:
+        raise ValueError("main_grad: expected a buffer that does not require grad")
+    return check_out("main_grad", main_grad, tuple(w.shape), torch.float32, w.device)
+
+
+def check_plan(plan: object, offsets: Tensor, num_rows: int) -> None:
+    """Raise unless ``plan`` is the GroupLayout of ``offsets`` for ``num_rows`` rows."""
+    from fp8moe.plan import GroupLayout
+
+    if not isinstance(plan, GroupLayout):
+        raise TypeError(f"plan: expected a GroupLayout (fp8moe.plan_groups) or None, got {type(plan).__name__}")
+    if plan.offsets is not offsets or plan.num_rows != num_rows:
+        raise ValueError(
+            f"plan: expected the plan of these offsets for M = {num_rows} rows (fp8moe.plan_groups(offsets, M)), "
+            f"got a plan of {plan.num_rows} rows for {'these' if plan.offsets is offsets else 'other'} offsets"
+        )
 
 
 def check_grouped_mm_shapes(x_shape: tuple[int, int], w_shape: tuple[int, int, int], offsets_shape: tuple[int]) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,22 +26,11 @@ import torch
 from torch import Tensor
 from torch.utils.dlpack import DLDeviceType
 
-from fp8moe.backends import ENV_VAR, load_backend, resolve_backend_name
+from fp8moe.backends import load_backend
+from fp8moe.plan import GroupLayout
 from fp8moe.recipe import FP8_DTYPE
 
 _CPU_DEVICES = (DLDeviceType.kDLCPU, DLDeviceType.kDLCUDAHost, DLDeviceType.kDLROCMHost)
-
-
-@functools.cache
-def _backend_name(requested: str, env_override: str | None, device: torch.device) -> str:
-    del env_override  # part of the cache key only: resolve_backend_name reads the environment itself
-    return resolve_backend_name(requested, device)
-
-
-def backend_name(requested: str, device: torch.device) -> str:
-    """The fp8moe backend that ``requested`` ("auto" or a name) resolves to on ``device``; resolved once
-    per (request, ``FP8MOE_BACKEND``, device), then cached."""
-    return _backend_name(requested, os.environ.get(ENV_VAR), device)
 
 
 def as_torch(buf: Any) -> Tensor:
@@ -57,12 +45,32 @@ def _external_stream(pointer: int, device_index: int) -> torch.cuda.ExternalStre
     return torch.cuda.ExternalStream(pointer, device=torch.device("cuda", device_index))
 
 
+def _flushes_denormals() -> bool:
+    """Whether this thread's floating-point mode flushes subnormals (XLA's CPU threads do)."""
+    return (torch.tensor([2.0**-140]) * 1.0).item() == 0.0
+
+
+@contextlib.contextmanager
+def _ieee_denormals() -> Iterator[None]:
+    """Run torch with IEEE subnormals on this thread (as it runs outside the callback), then restore the
+    flush-to-zero mode XLA's thread had: the bridge then returns the torch op's bits for any input."""
+    flushing = _flushes_denormals()
+    if flushing:
+        torch.set_flush_denormal(False)
+    try:
+        yield
+    finally:
+        if flushing:
+            torch.set_flush_denormal(True)
+
+
 @contextlib.contextmanager
 def on_xla_stream(ctx: Any, buf: Any) -> Iterator[None]:
-    """Make XLA's stream (and the device of ``buf``) current for torch; a no-op for host buffers."""
+    """Make XLA's stream (and the device of ``buf``) current for torch; on the host, IEEE subnormals."""
     device_type, index = buf.__dlpack_device__()
     if device_type in _CPU_DEVICES:
-        yield
+        with _ieee_denormals():
+            yield
         return
     with torch.cuda.stream(_external_stream(ctx.stream, index)):
         yield
@@ -74,32 +82,43 @@ def _fp8(buf_u8: Any) -> Tensor:
 
 @dataclass(frozen=True)
 class ForwardCallback:
-    """``(ctx, out, x, w, offsets)``: quantize w, run the forward GEMM.
+    """``(ctx, out, x, w, offsets)``: plan the routing, quantize w, run the forward GEMM.
 
-    ``out`` is ``(y,)``, or ``(y, wq_t, sw_t)`` with the dgrad operand when ``with_residuals``:
-    y (M, N) ``out_dtype``, wq_t (E, K, N) uint8 (e4m3 bits), sw_t (E, K/128, N/128) fp32.
+    ``out`` is ``(y,)``, then the residuals the backward needs: when ``with_dx`` the dgrad operand wq_t
+    (E, K, N) uint8 (e4m3 bits) and sw_t (E, K/128, N/128) fp32; when ``with_dw`` x's token tiles xt
+    (K * Mp,) uint8 and sxt (Mp/128, K) fp32; and, when either, the packed plan (int32).
     """
 
     backend: str
     out_dtype: torch.dtype
-    with_residuals: bool
+    with_dx: bool
+    with_dw: bool
 
     def __call__(self, ctx: Any, out: Sequence[Any], x: Any, w: Any, offsets: Any) -> None:
         with on_xla_stream(ctx, x):
             x_t, w_t, offsets_t = as_torch(x), as_torch(w), as_torch(offsets)
-            backend = load_backend(backend_name(self.backend, x_t.device))
-            out_t = (_fp8(out[1]), as_torch(out[2])) if self.with_residuals else None
-            wq, sw, _, _ = backend.quantize_weight(w_t, self.with_residuals, out_t=out_t)
-            backend.forward(x_t, wq, sw, offsets_t, self.out_dtype, out=as_torch(out[0]))
+            backend = load_backend(self.backend)
+            results = iter(out[1:])
+            out_t = (_fp8(next(results)), as_torch(next(results))) if self.with_dx else None
+            tiles_out = (_fp8(next(results)), as_torch(next(results))) if self.with_dw else None
+            plan = backend.plan(offsets_t, x_t.shape[0])
+            if self.with_dx or self.with_dw:
+                as_torch(next(results)).copy_(plan.data)
+            wq, sw, _, _ = backend.quantize_weight(w_t, self.with_dx, out_t=out_t)
+            _, xt, sxt = backend.forward(
+                x_t, wq, sw, plan, self.out_dtype, token_tiles=self.with_dw, out=as_torch(out[0])
+            )
+            if tiles_out is not None:
+                tiles_out[0].copy_(xt)
+                tiles_out[1].copy_(sxt)
 
 
 @dataclass(frozen=True)
 class BackwardCallback:
-    """``(ctx, out, dy, x, offsets[, wq_t, sw_t])``: dgrad and/or wgrad.
+    """``(ctx, out, dy, offsets, plan_data[, wq_t, sw_t][, xt, sxt])``: dgrad and/or wgrad.
 
-    dy (M, N), x (M, K), offsets (E,) int32, and when ``need_dx`` the forward's residuals wq_t (uint8
-    e4m3 bits) and sw_t. ``out`` holds dx (M, K) ``dx_dtype`` when ``need_dx``, then dw (E, N, K)
-    ``dw_dtype`` when ``need_dw``.
+    The residuals of :class:`ForwardCallback` (wq_t when ``need_dx``, xt when ``need_dw``). ``out`` holds
+    dx (M, K) ``dx_dtype`` when ``need_dx``, then dw (E, N, K) ``dw_dtype`` when ``need_dw``.
     """
 
     backend: str
@@ -108,24 +127,25 @@ class BackwardCallback:
     dx_dtype: torch.dtype
     dw_dtype: torch.dtype
 
-    def __call__(self, ctx: Any, out: Sequence[Any], dy: Any, x: Any, offsets: Any, *residuals: Any) -> None:
+    def __call__(self, ctx: Any, out: Sequence[Any], dy: Any, offsets: Any, plan_data: Any, *residuals: Any) -> None:
         with on_xla_stream(ctx, dy):
-            dy_t, x_t, offsets_t = as_torch(dy), as_torch(x), as_torch(offsets)
-            if self.need_dx:
-                wq_t, sw_t = _fp8(residuals[0]), as_torch(residuals[1])
-            else:  # what quantize_weight(w, transposed=False) gives the torch op: empty operands
-                wq_t = torch.empty(0, dtype=FP8_DTYPE, device=dy_t.device)
-                sw_t = torch.empty(0, dtype=torch.float32, device=dy_t.device)
-            backend = load_backend(backend_name(self.backend, x_t.device))
+            dy_t = as_torch(dy)
+            plan = GroupLayout.from_data(as_torch(offsets), as_torch(plan_data), dy_t.shape[0])
+            inputs = iter(residuals)
+            empty_fp8 = torch.empty(0, dtype=FP8_DTYPE, device=dy_t.device)
+            empty_f32 = torch.empty(0, dtype=torch.float32, device=dy_t.device)
+            wq_t, sw_t = (_fp8(next(inputs)), as_torch(next(inputs))) if self.need_dx else (empty_fp8, empty_f32)
+            xt, sxt = (_fp8(next(inputs)), as_torch(next(inputs))) if self.need_dw else (None, None)
             grads = iter(as_torch(buf) for buf in out)
             dx_out = next(grads) if self.need_dx else None
             dw_out = next(grads) if self.need_dw else None
-            backend.backward(
+            load_backend(self.backend).backward(
                 dy_t,
-                x_t,
+                xt,
+                sxt,
                 wq_t,
                 sw_t,
-                offsets_t,
+                plan,
                 self.need_dx,
                 self.need_dw,
                 self.dx_dtype,

@@ -6,9 +6,11 @@ autograd function, only the GEMMs whose gradients are needed run: the forward ke
 quantized weight only when ``dx`` will be needed, and the backward computes ``dx`` and ``dw`` only for
 the inputs being differentiated.
 
-Residuals (everything the backward needs is an input or output of a callback): ``x``, ``offsets`` and,
-when ``dx`` is needed, the forward callback's extra outputs ``wq_t`` (E, K, N) (e4m3 bits as uint8) and
-``sw_t`` (E, K/128, N/128) fp32: the weight is quantized once per step, as in torch.
+Residuals (everything the backward needs is an input or output of a callback), what the torch op saves:
+``offsets`` and the packed group plan (int32), the dgrad weight operand ``wq_t`` (E, K, N) (e4m3 bits as
+uint8) and ``sw_t`` (E, K/128, N/128) fp32 when ``dx`` is needed (the weight is quantized once per step),
+and x's 128x1 token tiles ``xt`` (K * Mp,) uint8 and ``sxt`` (Mp/128, K) fp32 when ``dw`` is needed
+(FP8, not x: half of x's bytes).
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ import torch
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 from jax.experimental.buffer_callback import buffer_callback
 
+from fp8moe.backends import check_wgrad, resolve_backend
+from fp8moe.plan import padded_rows_bound, plan_data_size
 from fp8moe.recipe import BLOCK
 from fp8moe.validation import check_grouped_mm_shapes
-from jax_bridge._callbacks import BackwardCallback, ForwardCallback, backend_name
+from jax_bridge._callbacks import BackwardCallback, ForwardCallback
 
 INPUT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 OUTPUT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
@@ -39,7 +43,8 @@ _TORCH_DTYPES = {
 
 @dataclass(frozen=True)
 class _Config:
-    """Static configuration of one call (a ``nondiff_argnums`` argument: hashable, never traced)."""
+    """Static configuration of one call (a ``nondiff_argnums`` argument: hashable, never traced);
+    ``backend`` is the resolved backend's key (:func:`fp8moe.backends.resolve_backend`)."""
 
     backend: str
     out_dtype: np.dtype
@@ -47,20 +52,22 @@ class _Config:
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["x", "offsets", "weight_t"],
-    meta_fields=["need_dx", "need_dw", "w_dtype"],
+    data_fields=["offsets", "plan", "saved"],
+    meta_fields=["need_dx", "need_dw", "x_dtype", "w_dtype", "k"],
 )
 @dataclass(frozen=True)
 class _Residuals:
-    """What the backward needs: x, offsets, the dgrad weight operand (wq_t, sw_t) when ``need_dx`` (else
-    ``()``); which gradients to compute and w's dtype are static."""
+    """What the backward needs: offsets, the packed plan, then (wq_t, sw_t) when ``need_dx`` and (xt, sxt)
+    when ``need_dw``; which gradients to compute, the dtypes of x and w and K are static."""
 
-    x: jax.Array
     offsets: jax.Array
-    weight_t: tuple[jax.Array, ...]
+    plan: jax.Array
+    saved: tuple[jax.Array, ...]
     need_dx: bool
     need_dw: bool
+    x_dtype: np.dtype
     w_dtype: np.dtype
+    k: int
 
 
 def _check_array(name: str, a: object, ndim: int, dtypes: tuple[np.dtype, ...]) -> None:
@@ -119,46 +126,59 @@ def _vary(a: jax.Array, axes: frozenset) -> jax.Array:
     return jax.lax.pcast(a, missing, to="varying") if missing else a
 
 
-def _forward(cfg: _Config, x: jax.Array, w: jax.Array, offsets: jax.Array, with_residuals: bool) -> list[jax.Array]:
-    """y (M, N) ``cfg.out_dtype``, then wq_t (E, K, N) uint8 and sw_t (E, K/128, N/128) fp32 if asked."""
+def _forward(
+    cfg: _Config, x: jax.Array, w: jax.Array, offsets: jax.Array, with_dx: bool, with_dw: bool
+) -> list[jax.Array]:
+    """y (M, N) ``cfg.out_dtype``, then the residuals of :class:`jax_bridge._callbacks.ForwardCallback`."""
     (m, k), (e, n, _) = x.shape, w.shape
+    mp = padded_rows_bound(m, e)
     shapes = [jax.ShapeDtypeStruct((m, n), cfg.out_dtype)]
-    if with_residuals:
+    if with_dx:
         shapes += [
             jax.ShapeDtypeStruct((e, k, n), jnp.uint8),
             jax.ShapeDtypeStruct((e, k // BLOCK, n // BLOCK), jnp.float32),
         ]
-    callback = ForwardCallback(cfg.backend, _TORCH_DTYPES[cfg.out_dtype], with_residuals)
+    if with_dw:
+        shapes += [jax.ShapeDtypeStruct((k * mp,), jnp.uint8), jax.ShapeDtypeStruct((mp // BLOCK, k), jnp.float32)]
+    if with_dx or with_dw:
+        shapes += [jax.ShapeDtypeStruct((plan_data_size(m, e),), jnp.int32)]
+    callback = ForwardCallback(cfg.backend, _TORCH_DTYPES[cfg.out_dtype], with_dx, with_dw)
     axes = _varying_axes(x)
     return [_vary(out, axes) for out in buffer_callback(callback, tuple(shapes))(x, w, offsets)]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _grouped_mm(x: jax.Array, w: jax.Array, offsets: jax.Array, cfg: _Config) -> jax.Array:
-    return _forward(cfg, x, w, offsets, with_residuals=False)[0]
+    return _forward(cfg, x, w, offsets, with_dx=False, with_dw=False)[0]
 
 
 def _grouped_mm_fwd(
     x: CustomVJPPrimal, w: CustomVJPPrimal, offsets: CustomVJPPrimal, cfg: _Config
-) -> tuple[jax.Array, _Residuals]:
+) -> tuple[jax.Array, _Residuals | None]:
     need_dx, need_dw = x.perturbed, w.perturbed
-    y, *weight_t = _forward(cfg, x.value, w.value, offsets.value, with_residuals=need_dx)
-    return y, _Residuals(x.value, offsets.value, tuple(weight_t), need_dx, need_dw, w.value.dtype)
+    y, *residuals = _forward(cfg, x.value, w.value, offsets.value, with_dx=need_dx, with_dw=need_dw)
+    if not residuals:
+        return y, None
+    *saved, plan = residuals
+    res = _Residuals(
+        offsets.value, plan, tuple(saved), need_dx, need_dw, x.value.dtype, w.value.dtype, x.value.shape[1]
+    )
+    return y, res
 
 
-def _grouped_mm_bwd(cfg: _Config, res: _Residuals, dy: jax.Array | SymbolicZero) -> tuple[Any, ...]:
-    if isinstance(dy, SymbolicZero) or not (res.need_dx or res.need_dw):
+def _grouped_mm_bwd(cfg: _Config, res: _Residuals | None, dy: jax.Array | SymbolicZero) -> tuple[Any, ...]:
+    if isinstance(dy, SymbolicZero) or res is None:
         return None, None, None
-    (m, k), e, n = res.x.shape, res.offsets.shape[0], dy.shape[1]
-    shapes = ([jax.ShapeDtypeStruct((m, k), res.x.dtype)] if res.need_dx else []) + (
+    (m, n), e, k = dy.shape, res.offsets.shape[0], res.k
+    shapes = ([jax.ShapeDtypeStruct((m, k), res.x_dtype)] if res.need_dx else []) + (
         [jax.ShapeDtypeStruct((e, n, k), res.w_dtype)] if res.need_dw else []
     )
     callback = BackwardCallback(
-        cfg.backend, res.need_dx, res.need_dw, _TORCH_DTYPES[res.x.dtype], _TORCH_DTYPES[res.w_dtype]
+        cfg.backend, res.need_dx, res.need_dw, _TORCH_DTYPES[res.x_dtype], _TORCH_DTYPES[res.w_dtype]
     )
-    axes = _varying_axes(res.x)
+    axes = _varying_axes(dy) | _varying_axes(res.offsets)
     grads = iter(
-        _vary(g, axes) for g in buffer_callback(callback, tuple(shapes))(dy, res.x, res.offsets, *res.weight_t)
+        _vary(g, axes) for g in buffer_callback(callback, tuple(shapes))(dy, res.offsets, res.plan, *res.saved)
     )
     dx = next(grads) if res.need_dx else None
     dw = next(grads) if res.need_dw else None
@@ -175,6 +195,7 @@ def grouped_mm(
     *,
     backend: str = "auto",
     out_dtype: Any = jnp.bfloat16,
+    wgrad: str | None = None,
 ) -> jax.Array:
     """Blockwise-FP8 grouped GEMM ``y[rows of e] = x[rows of e] @ w[e].T``, the JAX face of
     :func:`fp8moe.grouped_mm` (same shapes, dtypes, recipe and bits).
@@ -188,6 +209,7 @@ def grouped_mm(
         backend: "auto" | "reference" | "triton" | "deepgemm" (``FP8MOE_BACKEND`` overrides "auto"); the
             torch backend run by the callbacks ("reference" on CPU).
         out_dtype: dtype of ``y``: bfloat16, float16 or float32.
+        wgrad: the K-grouped GEMM of the weight gradient, as in :func:`fp8moe.grouped_mm`.
 
     Returns:
         y: (M, N) ``out_dtype``. Differentiable in ``x`` and ``w`` (cotangents in their dtypes; none for
@@ -203,9 +225,8 @@ def grouped_mm(
     _check_array("offsets", offsets, 1, (jnp.dtype(jnp.int32),))
     dtype = _out_dtype(out_dtype)
     check_grouped_mm_shapes(tuple(x.shape), tuple(w.shape), tuple(offsets.shape))
-    # Resolve once at trace time, for the errors (unknown or unusable backend) to surface here; the
-    # callbacks resolve again (cached) for the device the buffers are actually on.
-    backend_name(backend, _torch_device(_platform_of(x)))
+    # Resolved once, at trace time (errors surface here); the callbacks load the resolved key.
+    key = resolve_backend(backend, _torch_device(_platform_of(x)), check_wgrad(wgrad))
     # Inside shard_map: give all operands the same varying axes (a replicated w then gets its gradient summed).
     axes = _varying_axes(x) | _varying_axes(w) | _varying_axes(offsets)
-    return _grouped_mm(_vary(x, axes), _vary(w, axes), _vary(offsets, axes), _Config(backend, dtype))
+    return _grouped_mm(_vary(x, axes), _vary(w, axes), _vary(offsets, axes), _Config(key, dtype))

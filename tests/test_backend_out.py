@@ -14,6 +14,7 @@ import torch
 
 import fp8moe
 from fp8moe.backends import load_backend
+from fp8moe.plan import plan_groups
 from fp8moe.recipe import FP8_DTYPE
 from fp8moe.testing import random_offsets
 
@@ -53,14 +54,15 @@ def test_results_written_into_given_buffers_are_the_same_bits(name, dtype):
     assert got[2] is out_t[0] and got[3] is out_t[1]
     assert torch.equal(bits(out_t[0]), bits(wq_t)) and torch.equal(out_t[1], sw_t)
 
-    y = backend.forward(x, wq, sw, offsets, dtype)
+    plan = plan_groups(offsets, m)
+    y, xt, sxt = backend.forward(x, wq, sw, plan, dtype, token_tiles=True)
     y_out = poisoned((m, n), dtype)
-    assert backend.forward(x, wq, sw, offsets, dtype, out=y_out) is y_out
+    assert backend.forward(x, wq, sw, plan, dtype, out=y_out)[0] is y_out
     assert torch.equal(bits(y_out), bits(y))
 
-    dx, dw = backend.backward(dy, x, wq_t, sw_t, offsets, True, True, dtype, dtype)
+    dx, dw = backend.backward(dy, xt, sxt, wq_t, sw_t, plan, True, True, dtype, dtype)
     dx_out, dw_out = poisoned((m, k), dtype), poisoned((e, n, k), dtype)
-    got = backend.backward(dy, x, wq_t, sw_t, offsets, True, True, dtype, dtype, dx_out=dx_out, dw_out=dw_out)
+    got = backend.backward(dy, xt, sxt, wq_t, sw_t, plan, True, True, dtype, dtype, dx_out=dx_out, dw_out=dw_out)
     assert got[0] is dx_out and got[1] is dw_out
     assert torch.equal(bits(dx_out), bits(dx)) and torch.equal(bits(dw_out), bits(dw))
     assert not dx.isnan().any() and not dw.isnan().any()
@@ -73,17 +75,19 @@ def test_a_wrong_buffer_is_rejected_by_name(name):
     x, w = torch.randn(m, k, device=DEVICE), torch.randn(e, n, k, device=DEVICE)
     backend = load_backend(name)
     wq, sw, wq_t, sw_t = backend.quantize_weight(w, True)
+    plan = plan_groups(offsets, m)
     with pytest.raises(ValueError, match=r"out: expected a contiguous tensor of shape \(256, 128\)"):
-        backend.forward(x, wq, sw, offsets, torch.float32, out=torch.empty(256, 256, device=DEVICE)[:, :128])
+        backend.forward(x, wq, sw, plan, torch.float32, out=torch.empty(256, 256, device=DEVICE)[:, :128])
     with pytest.raises(TypeError, match="out: expected dtype torch.bfloat16"):
-        backend.forward(x, wq, sw, offsets, torch.bfloat16, out=torch.empty(m, n, device=DEVICE))
+        backend.forward(x, wq, sw, plan, torch.bfloat16, out=torch.empty(m, n, device=DEVICE))
     with pytest.raises(ValueError, match="dx_out: expected a contiguous tensor of shape"):
         backend.backward(
             torch.randn(m, n, device=DEVICE),
-            x,
+            None,
+            None,
             wq_t,
             sw_t,
-            offsets,
+            plan,
             True,
             False,
             torch.float32,

@@ -20,9 +20,9 @@ import pytest
 import torch
 
 import fp8moe
-from fp8moe.backends.reference import ReferenceBackend
-from fp8moe.layout import plan_groups
-from fp8moe.testing import random_problem, sqnr_db
+from fp8moe.backends import load_backend
+from fp8moe.plan import plan_groups
+from fp8moe.testing import backend_fwd_bwd, random_problem, sqnr_db
 
 pytest.importorskip("triton")
 from test_quant_triton import (
@@ -44,8 +44,8 @@ on_device = pytest.mark.skipif(REASON is not None, reason=f"triton backend canno
 def interpreter_checks() -> None:
     """Run in a child process with TRITON_INTERPRET=1 (see test_gemm_kernels_under_the_triton_interpreter)."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
-    from fp8moe.backends.triton import kernels
-    from fp8moe.backends.triton.kernels import k_grouped_gemm, m_grouped_gemm
+    from fp8moe.kernels import gemm as kernels
+    from fp8moe.kernels.gemm import k_grouped_gemm, m_grouped_gemm
 
     for tuner in (kernels._m_grouped_kernel, kernels._k_grouped_kernel):
         run_configs_once(tuner, tuner.configs[:1])
@@ -56,13 +56,12 @@ def interpreter_checks() -> None:
     layout = plan_groups(offsets, m)
     x, dy = torch.randn(m, k, generator=gen), torch.randn(m, n, generator=gen)
     w = torch.randn(4, n, k, generator=gen) / math.sqrt(k)
-    ref = ReferenceBackend()
-    wq, sw, wq_t, sw_t = ref.quantize_weight(w, True)
+    quantized = load_backend("reference").quantize_weight(w, True)
+    wq, sw, wq_t, sw_t = quantized
     y = m_grouped_gemm(*expected_rows_padded(x, layout), wq, sw, layout, torch.float32)
     dx = m_grouped_gemm(*expected_rows_padded(dy, layout), wq_t, sw_t, layout, torch.float32)
     dw = k_grouped_gemm(*expected_token_tiles(dy, layout), *expected_token_tiles(x, layout), layout, torch.bfloat16)
-    y_ref = ref.forward(x, wq, sw, offsets, torch.float32)
-    dx_ref, dw_ref = ref.backward(dy, x, wq_t, sw_t, offsets, True, True, torch.float32, torch.float32)
+    y_ref, dx_ref, dw_ref = backend_fwd_bwd("reference", x, quantized, offsets, dy)
     assert sqnr_db(y_ref, y) >= 100 and sqnr_db(dx_ref, dx) >= 100, (sqnr_db(y_ref, y), sqnr_db(dx_ref, dx))
     assert dw.dtype == torch.bfloat16 and sqnr_db(dw_ref, dw.float()) >= 45
     assert not y[190:].any() and not dx[190:].any() and not dw[0].any()
@@ -171,18 +170,17 @@ def test_fp32_inputs_and_other_output_dtypes(out_dtype):
 def test_every_autotune_config(out_dtype):
     """Each config of both GEMMs' autotune lists, not only the one the autotuner picks, against the
     reference backend, on a poisoned allocator."""
-    from fp8moe.backends.triton import kernels
+    from fp8moe.kernels import gemm as kernels
     from fp8moe.quant import triton as tq
 
     x, w, offsets, dy = problem(9, routing=dict(empty_groups=2, tail_rows=100))
     layout = plan_groups(offsets, x.shape[0])
-    ref = ReferenceBackend()
-    wq, sw, wq_t, sw_t = tq.quantize_weight(w, True)
-    y_ref = ref.forward(x, wq, sw, offsets, torch.float32)
-    dx_ref, dw_ref = ref.backward(dy, x, wq_t, sw_t, offsets, True, True, torch.float32, torch.float32)
+    quantized = tq.quantize_weight(w, True)
+    wq, sw, wq_t, sw_t = quantized
+    y_ref, dx_ref, dw_ref = backend_fwd_bwd("reference", x, quantized, offsets, dy)
     operands = (
         tq.quantize_rows_padded(x, layout),
-        tq.quantize_grad_output(dy, layout),
+        tq.quantize_tokens(dy, layout),
         tq.quantize_token_tiles(x, layout),
     )
     (xq, sx), (dyq, sdy, dyt, sdyt), (xt, sxt) = operands

@@ -18,9 +18,12 @@ def fresh_registry(monkeypatch):
     """Forget imported backends so that monkeypatched imports take effect (and are forgotten afterwards)."""
     for name in ("fp8moe.backends.deepgemm",):
         monkeypatch.delitem(sys.modules, name, raising=False)
-    backends._load.cache_clear()
+    caches = (backends._module, backends._select, backends.load_backend)
+    for cache in caches:
+        cache.cache_clear()
     yield
-    backends._load.cache_clear()
+    for cache in caches:
+        cache.cache_clear()
 
 
 @pytest.fixture
@@ -36,11 +39,35 @@ def fake_sm90(monkeypatch, tmp_path, fresh_registry):
     return capability
 
 
+def test_wgrad_provider_is_an_option_of_the_backend():
+    backend, _ = select_backend("reference", torch.device("cpu"), wgrad="reference")
+    assert backend.key == "reference" and backend.wgrad == "reference"
+    assert backends.backend_key("deepgemm", "triton") == "deepgemm/wgrad=triton"
+    with pytest.raises(ValueError, match="wgrad: unknown wgrad provider 'cutlass'"):
+        select_backend("reference", torch.device("cpu"), wgrad="cutlass")
+    with pytest.raises(TypeError, match="wgrad: expected None or a str, got list"):
+        select_backend("reference", torch.device("cpu"), wgrad=["triton"])
+    with pytest.raises(TypeError, match="backend: expected a str, got list"):
+        select_backend(["reference"], torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="wgrad provider 'triton': needs a CUDA device"):
+        select_backend("reference", torch.device("cpu"), wgrad="triton")
+
+
+def test_selection_is_resolved_once_per_device(monkeypatch):
+    """The second call resolves from the cache: nothing is probed again."""
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    backends._select.cache_clear()
+    select_backend("auto", torch.device("cpu"))
+    probes = []
+    monkeypatch.setattr(backends, "_unavailable_reason", lambda *args: probes.append(args))
+    assert select_backend("auto", torch.device("cpu"))[0].name == "reference" and not probes
+
+
 def test_auto_on_cpu_is_reference_with_a_reason(monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
-    selection = select_backend("auto", torch.device("cpu"))
-    assert selection.backend.name == "reference"
-    assert "cpu" in selection.reason
+    backend, reason = select_backend("auto", torch.device("cpu"))
+    assert backend.name == "reference"
+    assert "cpu" in reason
     info = fp8moe.backend_info("cpu")
     assert info["auto"] == "reference" and info["backends"]["reference"] is None
     assert "needs a CUDA device" in info["backends"]["deepgemm"] or "import" in info["backends"]["deepgemm"]
@@ -48,7 +75,7 @@ def test_auto_on_cpu_is_reference_with_a_reason(monkeypatch):
 
 def test_environment_variable_overrides_auto(monkeypatch):
     monkeypatch.setenv(ENV_VAR, "reference")
-    assert select_backend("auto", torch.device("cpu")).reason.endswith(f"environment variable {ENV_VAR}")
+    assert select_backend("auto", torch.device("cpu"))[1].endswith(f"environment variable {ENV_VAR}")
     assert fp8moe.backend_info("cpu")["auto"] == "reference"
     monkeypatch.setenv(ENV_VAR, "fastest")
     with pytest.raises(ValueError, match=f"environment variable {ENV_VAR}: unknown backend 'fastest'"):
@@ -57,7 +84,7 @@ def test_environment_variable_overrides_auto(monkeypatch):
 
 def test_environment_variable_does_not_override_an_explicit_name(monkeypatch):
     monkeypatch.setenv(ENV_VAR, "deepgemm")
-    assert select_backend("reference", torch.device("cpu")).backend.name == "reference"
+    assert select_backend("reference", torch.device("cpu"))[0].name == "reference"
 
 
 @pytest.mark.parametrize("name", ["deepgemm", "triton"])
@@ -105,30 +132,32 @@ def test_deep_gemm_broken_at_import_is_reported(monkeypatch, tmp_path, fresh_reg
 
 
 def test_deepgemm_needs_sm90_exactly(fake_sm90):
-    from fp8moe.backends.deepgemm import DeepGEMMBackend
+    from fp8moe.backends.deepgemm import unavailable_reason
 
     cuda = torch.device("cuda", 0)
-    assert DeepGEMMBackend.unavailable_reason(cuda) is None
+    assert unavailable_reason(cuda) is None
     for capability in [(10, 0), (8, 0), (12, 0)]:
         fake_sm90["value"] = capability
-        assert "needs an SM90 GPU" in DeepGEMMBackend.unavailable_reason(cuda)
+        assert "needs an SM90 GPU" in unavailable_reason(cuda)
 
 
 def test_deepgemm_needs_the_cuda_toolkit(fake_sm90, monkeypatch, tmp_path):
-    from fp8moe.backends.deepgemm import DeepGEMMBackend
+    from fp8moe.backends import deepgemm
 
+    deepgemm._cuda_toolkit_reason.cache_clear()
     monkeypatch.setenv("CUDA_HOME", str(tmp_path / "nowhere"))
-    assert "CUDA toolkit" in DeepGEMMBackend.unavailable_reason(torch.device("cuda", 0))
+    assert "CUDA toolkit" in deepgemm.unavailable_reason(torch.device("cuda", 0))
 
 
 def test_auto_prefers_deepgemm_on_sm90_then_falls_back(fake_sm90, monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
     cuda = torch.device("cuda", 0)
-    assert select_backend("auto", cuda).backend.name == "deepgemm"
+    assert select_backend("auto", cuda)[0].name == "deepgemm"
     fake_sm90["value"] = (10, 0)
-    selection = select_backend("auto", cuda)
-    assert selection.backend.name != "deepgemm"
-    assert "deepgemm skipped (needs an SM90 GPU" in selection.reason
+    backends._select.cache_clear()
+    backend, reason = select_backend("auto", cuda)
+    assert backend.name != "deepgemm"
+    assert "deepgemm skipped (needs an SM90 GPU" in reason
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the report where torch sees no GPU")
@@ -144,4 +173,4 @@ def test_auto_in_the_environment_variable_means_auto(monkeypatch):
     monkeypatch.setenv(ENV_VAR, "auto")
     info = fp8moe.backend_info("cpu")
     assert info["auto"] == "reference" and info["reason"].startswith("auto on cpu")
-    assert select_backend("auto", torch.device("cpu")).backend.name == "reference"
+    assert select_backend("auto", torch.device("cpu"))[0].name == "reference"

@@ -83,11 +83,11 @@ def interpreter_checks() -> None:
     reference.quantize_tiles = _quantize_tiles_converting_like_the_interpreter
     sys.modules["deep_gemm"] = fake_deep_gemm()
     torch.cuda.Event = _NoEvent
-    from fp8moe.backends.deepgemm import DeepGEMMBackend
-    from fp8moe.backends.reference import ReferenceBackend
-    from fp8moe.backends.triton import TritonBackend, kernels
+    from fp8moe.backends import load_backend
+    from fp8moe.kernels import gemm as kernels
+    from fp8moe.plan import plan_groups
     from fp8moe.quant import triton as tq
-    from fp8moe.testing import sqnr_db
+    from fp8moe.testing import backend_fwd_bwd, sqnr_db
 
     for tuner in (kernels._m_grouped_kernel, kernels._k_grouped_kernel, tq._quantize_weight_kernel):
         run_configs_once(tuner, tuner.configs[:1])
@@ -99,28 +99,37 @@ def interpreter_checks() -> None:
     x = torch.randn(m, k, generator=gen).bfloat16()
     w = (torch.randn(4, n, k, generator=gen) / math.sqrt(k)).bfloat16()
     dy = torch.randn(m, n, generator=gen).bfloat16()
-    ref = ReferenceBackend()
-    rq = ref.quantize_weight(w, True)
-    y_ref = ref.forward(x, rq[0], rq[1], offsets, torch.float32)
-    dx_ref, dw_ref = ref.backward(dy, x, rq[2], rq[3], offsets, True, True, torch.float32, torch.float32)
-    for backend in (TritonBackend(), DeepGEMMBackend()):
-        wq, sw, wq_t, sw_t = backend.quantize_weight(w, True)
-        y = backend.forward(x, wq, sw, offsets, torch.float32)
-        dx, dw = backend.backward(dy, x, wq_t, sw_t, offsets, True, True, torch.float32, torch.float32)
+    plan = plan_groups(offsets, m)
+    y_ref, dx_ref, dw_ref = backend_fwd_bwd(
+        "reference", x, load_backend("reference").quantize_weight(w, True), offsets, dy
+    )
+    for key in ("triton", "deepgemm", "deepgemm/wgrad=triton", "triton/wgrad=deepgemm"):
+        backend = load_backend(key)
+        quantized = backend.quantize_weight(w, True)
+        wq, sw, wq_t, sw_t = quantized
+        y, dx, dw = backend_fwd_bwd(key, x, quantized, offsets, dy)
         for name, got, want in (("y", y, y_ref), ("dx", dx, dx_ref), ("dw", dw, dw_ref)):
             db = sqnr_db(want, got)
-            assert db >= 40, f"{backend.name} {name}: {db:.1f} dB against the reference backend"
+            assert db >= 40, f"{key} {name}: {db:.1f} dB against the reference backend"
         assert not y[190:].any() and not dx[190:].any() and not dw[0].any()
-        # the same bits into caller buffers (fp32 and bf16 y), and a backward without dgrad
+        # the same bits into caller buffers (fp32 and bf16 y), a backward without dgrad, fp32 accumulation
         y_out, dw_out = torch.full_like(y, math.nan), torch.full_like(dw, math.nan).bfloat16()
-        assert backend.forward(x, wq, sw, offsets, torch.float32, out=y_out) is y_out and torch.equal(y_out, y)
-        y16, y16_out = backend.forward(x, wq, sw, offsets, torch.bfloat16), torch.full_like(y_out, math.nan).bfloat16()
-        assert backend.forward(x, wq, sw, offsets, torch.bfloat16, out=y16_out) is y16_out
+        got, xt, sxt = backend.forward(x, wq, sw, plan, torch.float32, token_tiles=True, out=y_out)
+        assert got is y_out and torch.equal(y_out, y)
+        y16 = backend.forward(x, wq, sw, plan, torch.bfloat16)[0]
+        y16_out = torch.full_like(y_out, math.nan).bfloat16()
+        assert backend.forward(x, wq, sw, plan, torch.bfloat16, out=y16_out)[0] is y16_out
         assert torch.equal(y16_out, y16) and sqnr_db(y, y16.float()) >= 40
         none, dw16 = backend.backward(
-            dy, x, wq_t, sw_t, offsets, False, True, torch.float32, torch.bfloat16, dw_out=dw_out
+            dy, xt, sxt, wq_t, sw_t, plan, False, True, torch.float32, torch.bfloat16, dw_out=dw_out
         )
         assert none is None and dw16 is dw_out and sqnr_db(dw, dw_out.float()) >= 45
+        main_grad = torch.randn(dw.shape, generator=gen)
+        before = main_grad.clone()
+        _, added = backend.backward(
+            dy, xt, sxt, wq_t, sw_t, plan, False, True, torch.float32, torch.float32, main_grad=main_grad
+        )
+        assert added is main_grad and sqnr_db(before + dw, main_grad) >= 40
 
 
 def test_backends_under_the_triton_interpreter():

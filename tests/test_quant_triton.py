@@ -27,10 +27,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from fp8moe.layout import GroupLayout, pad_rows, plan_groups
+from fp8moe.backends.reference import ReferenceQuantizer
+from fp8moe.plan import GroupLayout, plan_groups
 from fp8moe.quant import reference
 from fp8moe.quant.reference import quantize_blockwise, quantize_colwise, quantize_rowwise
-from fp8moe.recipe import BLOCK, FP8_DTYPE, FP8_MAX
+from fp8moe.recipe import BLOCK, FP8_DTYPE, FP8_MAX, MIN_NORMAL
 from fp8moe.testing import random_offsets
 
 tq = pytest.importorskip("fp8moe.quant.triton", reason="triton is not importable")
@@ -54,20 +55,12 @@ ROUTINGS = {
 
 def expected_rows_padded(x: torch.Tensor, layout: GroupLayout) -> tuple[torch.Tensor, torch.Tensor]:
     """(q (Mp, C), s (C/128, Mp)) of quantize_rows_padded, from the reference recipe."""
-    q, s = quantize_rowwise(pad_rows(x, layout))
-    return q, s.T.contiguous()
+    return ReferenceQuantizer().tokens(x, layout, True, False)
 
 
 def expected_token_tiles(x: torch.Tensor, layout: GroupLayout) -> tuple[torch.Tensor, torch.Tensor]:
     """(flat (C * Mp,), s (Mp/128, C)) of quantize_token_tiles, from the reference recipe (host loop)."""
-    mp, cols = layout.num_padded_rows, x.shape[1]
-    q, s = quantize_colwise(pad_rows(x, layout))
-    flat = torch.zeros(cols * mp, dtype=FP8_DTYPE, device=x.device)
-    starts = layout.padded_starts.tolist() + [layout.padded_ends[-1].item()]
-    lengths = layout.padded_sizes.tolist() + [mp - starts[-1]]  # the tail is one more zero block
-    for start, length in zip(starts, lengths):
-        flat[cols * start : cols * (start + length)] = q[start : start + length].T.flatten()
-    return flat, s
+    return ReferenceQuantizer().tokens(x, layout, False, True)
 
 
 def codes(t: torch.Tensor) -> torch.Tensor:
@@ -107,7 +100,7 @@ def check_token_kernels(x: torch.Tensor, layout: GroupLayout, interpreter: bool 
     cpu_reference), and the one-read kernel against the other two."""
     q, s = tq.quantize_rows_padded(x, layout)
     qt, st = tq.quantize_token_tiles(x, layout)
-    both = tq.quantize_grad_output(x, layout)
+    both = tq.quantize_tokens(x, layout)
     assert q.shape == (layout.num_padded_rows, x.shape[1]) and q.is_contiguous()
     for a, b in zip(both, (q, s, qt, st)):
         assert torch.equal(codes(a), codes(b)) if a.dtype == FP8_DTYPE else torch.equal(a.nan_to_num(), b.nan_to_num())
@@ -157,7 +150,10 @@ def _quantize_tiles_converting_like_the_interpreter(tiles: torch.Tensor, amax: t
     """The recipe of fp8moe.quant.reference.quantize_tiles with its final fp32 -> e4m3 cast done by the
     interpreter (NaN values keep the true NaN code: the interpreter's NaN codes are arbitrary)."""
     scale = amax / torch.full_like(amax, FP8_MAX)
-    fp32 = (tiles / torch.where(amax == 0, 1.0, scale)).clamp(-FP8_MAX, FP8_MAX).contiguous()
+    zero_tile = scale < MIN_NORMAL
+    scale = torch.where(zero_tile, 0.0, scale)
+    fp32 = (tiles / torch.where(zero_tile, 1.0, scale)).clamp(-FP8_MAX, FP8_MAX)
+    fp32 = torch.where(zero_tile, 0.0, fp32).contiguous()
     values = torch.empty(fp32.shape, dtype=FP8_DTYPE)
     _to_e4m3_kernel[(triton.cdiv(fp32.numel(), 1024),)](fp32, values, fp32.numel(), BLOCK_SIZE=1024)
     return torch.where(fp32.isnan(), torch.full_like(values, float("nan")), values), scale
@@ -211,8 +207,8 @@ def test_bad_arguments_name_the_argument():
         tq.quantize_rows_padded(torch.randn(256, 100), layout)
     with pytest.raises(TypeError, match="x: expected dtype"):
         tq.quantize_token_tiles(torch.ones(256, 128, dtype=torch.int32), layout)
-    with pytest.raises(ValueError, match=r"dy: expected 256 rows \(layout.num_rows\)"):
-        tq.quantize_grad_output(torch.randn(255, 128), layout)
+    with pytest.raises(ValueError, match=r"x: expected 256 rows \(layout.num_rows\)"):
+        tq.quantize_tokens(torch.randn(255, 128), layout)
     with pytest.raises(ValueError, match="x: expected a 2-D"):
         tq.quantize_rows_padded(torch.randn(256), layout)
     with pytest.raises(TypeError, match="layout: expected a GroupLayout"):
@@ -265,7 +261,7 @@ def test_token_kernels_strided_rows_and_no_rows():
     check_token_kernels(base[:, 128:384], layout)  # a column slice: row stride 512
     empty = plan_groups(torch.zeros(4, dtype=torch.int32, device="cuda"), 0)
     poison_allocator()
-    q, s, qt, st = tq.quantize_grad_output(torch.empty(0, 256, device="cuda"), empty)
+    q, s, qt, st = tq.quantize_tokens(torch.empty(0, 256, device="cuda"), empty)
     assert q.shape == (empty.num_padded_rows, 256) and not codes(q).any() and not s.any()
     assert not codes(qt).any() and not st.any()
 

@@ -1,35 +1,82 @@
-"""The interface every GEMM backend implements.
+"""One orchestration of the three GEMMs of an expert layer, composed from providers with one signature.
 
-A backend computes the three GEMMs of one expert layer for the recipe in :mod:`fp8moe.quant` and owns
-whatever group plan it needs (built from ``offsets`` inside its own methods). The quantized weight is
-the one object shared between the forward and the backward, in one format for every backend:
+A :class:`Backend` is a quantizer (the recipe into the GEMM layouts) plus two GEMM providers: an
+M-grouped one (forward and dgrad) and a K-grouped one (wgrad). Every provider reads and writes the same
+layouts (``Mp`` = ``plan.num_padded_rows``, C = columns, E = groups):
 
-- ``wq`` (E, N, K) e4m3 and ``sw`` (E, N/128, K/128) fp32: the forward operand, 128x128 blocks;
-- ``wq_t`` (E, K, N) e4m3 and ``sw_t`` (E, K/128, N/128) fp32: the same values and scales transposed,
-  the dgrad operand (empty tensors when no dgrad will run).
+- *rows*: 1x128 tiles in the 128-row-padded grouped layout, values ``(Mp, C)`` e4m3 row-major and scales
+  ``(C/128, Mp)`` fp32 (padding rows: value 0, scale 0);
+- *token tiles*: 128x1 tiles within each group, values flat ``(C * Mp,)`` e4m3 with group g a row-major
+  (C, k_g) block at element ``C * padded_starts[g]`` (``k_g = padded_sizes[g]``), scales ``(Mp/128, C)``;
+- *weight*: 128x128 blocks, ``wq`` (E, N, K) with ``sw`` (E, N/128, K/128), and the dgrad operand ``wq_t``
+  (E, K, N) with ``sw_t`` (E, K/128, N/128): the same values and scales transposed.
 
-Every result can be written into a caller's buffer (``out_t``, ``out``, ``dx_out``, ``dw_out``: contiguous,
-of the result's exact shape, dtype and device; that buffer is then returned). The JAX bridge uses this to
-write straight into XLA's output buffers.
+So any quantizer feeds any GEMM: the DeepGEMM backend is the Triton quantizer with DeepGEMM's GEMMs, and
+the wgrad provider is an option of every backend (``Backend.wgrad``).
+
+Forward ``y = x @ w[e].T``: x is read once into its rows (the GEMM operand) and, when the weight
+gradient will be needed, its token tiles, which the caller saves for the backward instead of x. Backward:
+dy read once into both layouts; dgrad ``dx = dy @ w[e]`` on the rows; wgrad ``dw[e] = dy_e^T x_e`` on the
+token tiles, written in ``dw_dtype`` or added into an fp32 gradient-accumulation buffer (``main_grad``).
+Every result can be written into a caller's buffer (``out``, ``dx_out``, ``dw_out``, ``out_t``), which is
+how the JAX bridge writes straight into XLA's buffers.
 """
 
 from __future__ import annotations
 
-import abc
 from collections.abc import Callable
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
+from fp8moe.plan import GroupLayout, plan_groups
 from fp8moe.validation import check_out
 
 
-def into(name: str, out: Tensor | None, value: Tensor) -> Tensor:
-    """``value``, or a copy of it in ``out`` (checked like :func:`check_out`) when ``out`` is given."""
-    if out is None:
-        return value
-    return check_out(name, out, tuple(value.shape), value.dtype, value.device).copy_(value)
+class Quantizer(Protocol):
+    """The recipe of :mod:`fp8moe.recipe` written into the GEMM layouts."""
+
+    def tokens(self, x: Tensor, plan: GroupLayout, rows: bool, token_tiles: bool) -> tuple[Tensor, ...]:
+        """x (M, C) -> the rows pair (if ``rows``) then the token-tile pair (if ``token_tiles``)."""
+
+    def weight(self, w: Tensor, transposed: bool, out_t: tuple[Tensor, Tensor] | None) -> tuple[Tensor, ...]:
+        """w (E, N, K) -> (wq, sw, wq_t, sw_t); the last two are empty tensors unless ``transposed``."""
+
+
+class MGroupedGemm(Protocol):
+    def __call__(
+        self,
+        a: Tensor,
+        sa: Tensor,
+        b: Tensor,
+        sb: Tensor,
+        plan: GroupLayout,
+        out_dtype: torch.dtype,
+        out: Tensor | None,
+    ) -> Tensor:
+        """a rows (Mp, K) @ b[g] (N, K)^T per group -> (M, N) ``out_dtype`` in unpadded order (into ``out``
+        when given); rows at or past ``offsets[-1]`` are zero."""
+
+
+# wgrad(a, sa, b, sb, out_dtype, out, accumulate) -> (E, N, K): a, b token tiles of dy and x
+WgradGemm = Callable[[Tensor, Tensor, Tensor, Tensor, torch.dtype, "Tensor | None", bool], Tensor]
+
+
+class KGroupedGemm(Protocol):
+    def prepare(self, plan: GroupLayout) -> WgradGemm:
+        """The wgrad GEMM for ``plan``, prepared at the top of the backward (a provider that needs host
+        values starts reading them here) and called at its end."""
+
+
+@dataclass(frozen=True)
+class Provider:
+    """A named part of a backend and the check of whether it can run on a device."""
+
+    name: str
+    impl: object
+    unavailable_reason: Callable[[torch.device], str | None]
 
 
 def cuda_capability_reason(device: torch.device, accepts: Callable[[int], bool], needs: str) -> str | None:
@@ -43,57 +90,69 @@ def cuda_capability_reason(device: torch.device, accepts: Callable[[int], bool],
     return None if accepts(major) else f"needs {needs}, got sm_{major}{minor}"
 
 
-def check_grad_buffers(
-    dy: Tensor,
-    x: Tensor,
-    num_groups: int,
-    dx_dtype: torch.dtype,
-    dw_dtype: torch.dtype,
-    dx_out: Tensor | None,
-    dw_out: Tensor | None,
-) -> None:
-    """Check the ``dx_out`` (M, K) / ``dw_out`` (E, N, K) buffers handed to :meth:`Backend.backward`."""
-    if dx_out is not None:
-        check_out("dx_out", dx_out, tuple(x.shape), dx_dtype, x.device)
-    if dw_out is not None:
-        check_out("dw_out", dw_out, (num_groups, dy.shape[1], x.shape[1]), dw_dtype, x.device)
+def into(name: str, out: Tensor | None, value: Tensor) -> Tensor:
+    """``value``, or a copy of it in ``out`` (checked like :func:`check_out`) when ``out`` is given."""
+    if out is None:
+        return value
+    return check_out(name, out, tuple(value.shape), value.dtype, value.device).copy_(value)
 
 
-class Backend(abc.ABC):
-    """Forward, dgrad and wgrad of ``y[rows of e] = x[rows of e] @ w[e].T`` in blockwise FP8."""
+@dataclass(frozen=True)
+class Backend:
+    """Forward, dgrad and wgrad of ``y[rows of e] = x[rows of e] @ w[e].T`` in blockwise FP8.
 
-    name: ClassVar[str]
+    Attributes:
+        name: the backend's name ("reference", "triton", "deepgemm").
+        wgrad: the name of the K-grouped GEMM provider that computes the weight gradient.
+        quantizer, m_grouped, k_grouped: the providers (see the module docstring).
+    """
 
-    @classmethod
-    def unavailable_reason(cls, device: torch.device) -> str | None:
-        """Why this backend cannot run on ``device`` (None when it can)."""
-        return None
+    name: str
+    wgrad: str
+    quantizer: Quantizer
+    m_grouped: MGroupedGemm
+    k_grouped: KGroupedGemm
 
-    @abc.abstractmethod
+    @property
+    def key(self) -> str:
+        """``name``, or ``name/wgrad=<provider>`` when the wgrad provider is not the backend's own."""
+        return self.name if self.wgrad == self.name else f"{self.name}/wgrad={self.wgrad}"
+
+    def plan(self, offsets: Tensor, num_rows: int) -> GroupLayout:
+        return plan_groups(offsets, num_rows)
+
     def quantize_weight(
         self, w: Tensor, transposed: bool, *, out_t: tuple[Tensor, Tensor] | None = None
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """w (E, N, K) bf16/fp32 -> (wq, sw, wq_t, sw_t) as in the module docstring; ``out_t``: buffers
-        for (wq_t, sw_t) when ``transposed``."""
+        """w (E, N, K) bf16/fp32 -> (wq, sw, wq_t, sw_t); ``out_t``: buffers for (wq_t, sw_t)."""
+        return self.quantizer.weight(w, transposed, out_t)
 
-    @abc.abstractmethod
     def forward(
-        self, x: Tensor, wq: Tensor, sw: Tensor, offsets: Tensor, out_dtype: torch.dtype, *, out: Tensor | None = None
-    ) -> Tensor:
-        """x (M, K) bf16/fp32 row-major, offsets (E,) int32 cumulative ends -> y (M, N) ``out_dtype``
-        (written into ``out`` when given).
+        self,
+        x: Tensor,
+        wq: Tensor,
+        sw: Tensor,
+        plan: GroupLayout,
+        out_dtype: torch.dtype,
+        *,
+        token_tiles: bool = False,
+        out: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """x (M, K) -> (y (M, N) ``out_dtype``, xt, sxt): x's token tiles (the wgrad operand, from the same
+        read of x) when ``token_tiles``, else None."""
+        xq, sx, *tiles = self.quantizer.tokens(x, plan, True, token_tiles)
+        y = self.m_grouped(xq, sx, wq, sw, plan, out_dtype, out)
+        xt, sxt = tiles if token_tiles else (None, None)
+        return y, xt, sxt
 
-        Rows at or past ``offsets[-1]`` are zero.
-        """
-
-    @abc.abstractmethod
     def backward(
         self,
         dy: Tensor,
-        x: Tensor,
+        xt: Tensor | None,
+        sxt: Tensor | None,
         wq_t: Tensor,
         sw_t: Tensor,
-        offsets: Tensor,
+        plan: GroupLayout,
         need_dx: bool,
         need_dw: bool,
         dx_dtype: torch.dtype,
@@ -101,10 +160,33 @@ class Backend(abc.ABC):
         *,
         dx_out: Tensor | None = None,
         dw_out: Tensor | None = None,
+        main_grad: Tensor | None = None,
     ) -> tuple[Tensor | None, Tensor | None]:
-        """dy (M, N), x (M, K) -> (dx (M, K) ``dx_dtype`` or None, dw (E, N, K) ``dw_dtype`` or None),
-        written into ``dx_out`` / ``dw_out`` when given.
+        """dy (M, N) -> (dx (M, K) ``dx_dtype`` or None, dw (E, N, K) or None).
 
-        dgrad uses ``dy`` in 1x128 tiles along N; wgrad uses ``dy`` and ``x`` in 128x1 token tiles within
-        each group (groups padded to 128 tokens with zeros). Rows of dx past ``offsets[-1]`` are zero.
+        ``xt``/``sxt``: x's token tiles from :meth:`forward` (needed for dw). dw is written in ``dw_dtype``
+        (into ``dw_out`` when given) or, with ``main_grad`` (an fp32 (E, N, K) buffer), added into it and
+        ``main_grad`` returned.
         """
+        if need_dw and (xt is None or sxt is None):
+            raise ValueError("xt: the weight gradient needs x's token tiles from the forward")
+        m, k = dy.shape[0], (sxt.shape[1] if need_dw else wq_t.shape[1])
+        if dx_out is not None:
+            check_out("dx_out", dx_out, (m, k), dx_dtype, dy.device)
+        if dw_out is not None:
+            check_out("dw_out", dw_out, (plan.num_groups, dy.shape[1], k), dw_dtype, dy.device)
+        wgrad = self.k_grouped.prepare(plan) if need_dw else None
+        operands = list(self.quantizer.tokens(dy, plan, need_dx, need_dw)) if need_dx or need_dw else []
+        dx = dw = None
+        if need_dx:
+            dyq, sdy = operands.pop(0), operands.pop(0)
+            dx = self.m_grouped(dyq, sdy, wq_t, sw_t, plan, dx_dtype, dx_out)
+            del dyq, sdy  # free the dgrad operand before the wgrad's buffers exist
+        if need_dw:
+            dyt, sdyt = operands
+            del operands
+            if main_grad is not None:
+                dw = wgrad(dyt, sdyt, xt, sxt, torch.float32, main_grad, True)
+            else:
+                dw = wgrad(dyt, sdyt, xt, sxt, dw_dtype, dw_out, False)
+        return dx, dw

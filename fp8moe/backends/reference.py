@@ -1,7 +1,9 @@
-"""Reference backend: the recipe in plain torch, dequantize then multiply in fp32 (CPU or GPU).
+"""Reference providers: the recipe in plain torch, dequantize then multiply in fp32 (CPU or GPU).
 
-It is the ground truth the fast backends are tested against, not a fast path: it reads the group
-boundaries on the host once per call and loops over experts.
+They are the ground truth the fast backends are tested against, not a fast path: the quantizer builds
+the GEMM layouts with torch ops and a host loop over the groups, the GEMMs read the group bounds on the
+host and loop over experts. Every product runs with ``torch.autocast`` disabled, so the recipe is computed
+whatever autocast context the caller is in.
 """
 
 from __future__ import annotations
@@ -9,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fp8moe.backends.base import Backend, into
+from fp8moe.backends.base import into
+from fp8moe.plan import GroupLayout
 from fp8moe.quant.reference import (
-    BLOCK,
     dequantize_blockwise,
     dequantize_colwise,
     dequantize_rowwise,
@@ -19,75 +21,87 @@ from fp8moe.quant.reference import (
     quantize_colwise,
     quantize_rowwise,
 )
+from fp8moe.recipe import BLOCK, FP8_DTYPE
 
 
-def _group_bounds(offsets: Tensor) -> list[tuple[int, int]]:
-    ends = offsets.tolist()
-    return list(zip([0] + ends[:-1], ends))
+def pad_rows(x: Tensor, plan: GroupLayout) -> Tensor:
+    """Gather x (M, C) into the padded layout (Mp, C); padding rows are zero."""
+    src = plan.padded_to_row.long()
+    gathered = x[src.clamp(min=0)] if x.shape[0] else x.new_zeros(src.numel(), x.shape[1])
+    return torch.where((src >= 0).unsqueeze(1), gathered, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
-def _dequantized_token_tiles(t: Tensor) -> Tensor:
-    """One group's rows t (m, C) through 128x1 token tiles (zero-padded to 128 rows), in fp32."""
-    pad = -t.shape[0] % BLOCK
-    padded = torch.nn.functional.pad(t.float(), (0, 0, 0, pad))
-    return dequantize_colwise(*quantize_colwise(padded))[: t.shape[0]]
+def _groups(plan: GroupLayout) -> list[tuple[int, int]]:
+    """(padded start, padded length) of each group, read on the host."""
+    return list(zip(plan.padded_starts.tolist(), plan.padded_sizes.tolist()))
 
 
-class ReferenceBackend(Backend):
-    name = "reference"
+class ReferenceQuantizer:
+    """:mod:`fp8moe.quant.reference` placed in the GEMM layouts of :mod:`fp8moe.backends.base`."""
 
-    def quantize_weight(
-        self, w: Tensor, transposed: bool, *, out_t: tuple[Tensor, Tensor] | None = None
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def tokens(self, x: Tensor, plan: GroupLayout, rows: bool, token_tiles: bool) -> tuple[Tensor, ...]:
+        padded = pad_rows(x, plan)
+        result: tuple[Tensor, ...] = ()
+        if rows:
+            q, s = quantize_rowwise(padded)
+            result += (q, s.T.contiguous())
+        if token_tiles:
+            q, s = quantize_colwise(padded)
+            cols, mp = x.shape[1], plan.num_padded_rows
+            flat = torch.zeros(cols * mp, dtype=FP8_DTYPE, device=x.device)
+            groups = _groups(plan)
+            end = sum(length for _, length in groups)
+            for start, length in [*groups, (end, mp - end)]:  # the tail block of zero tokens last
+                flat[cols * start : cols * (start + length)] = q[start : start + length].T.reshape(-1)
+            result += (flat, s)
+        return result
+
+    def weight(self, w: Tensor, transposed: bool, out_t: tuple[Tensor, Tensor] | None) -> tuple[Tensor, ...]:
         wq, sw = quantize_blockwise(w)
         if not transposed:
             return wq, sw, wq.new_empty(0), sw.new_empty(0)
         wq_t, sw_t = out_t if out_t is not None else (None, None)
-        contiguous = torch.contiguous_format  # clone: a custom op's outputs must not alias its inputs or each other
+        contiguous = torch.contiguous_format  # clone: a custom op's outputs must not alias each other
         wq_t = into("out_t[0]", wq_t, wq.transpose(1, 2).clone(memory_format=contiguous))
         sw_t = into("out_t[1]", sw_t, sw.transpose(1, 2).clone(memory_format=contiguous))
         return wq, sw, wq_t, sw_t
 
-    def forward(
-        self, x: Tensor, wq: Tensor, sw: Tensor, offsets: Tensor, out_dtype: torch.dtype, *, out: Tensor | None = None
-    ) -> Tensor:
-        xd = dequantize_rowwise(*quantize_rowwise(x))
-        wd = dequantize_blockwise(wq, sw)
-        y = torch.zeros(x.shape[0], wq.shape[1], dtype=torch.float32, device=x.device)
-        for e, (lo, hi) in enumerate(_group_bounds(offsets)):
-            if hi > lo:
-                y[lo:hi] = xd[lo:hi] @ wd[e].T
-        return into("out", out, y.to(out_dtype))
 
-    def backward(
-        self,
-        dy: Tensor,
-        x: Tensor,
-        wq_t: Tensor,
-        sw_t: Tensor,
-        offsets: Tensor,
-        need_dx: bool,
-        need_dw: bool,
-        dx_dtype: torch.dtype,
-        dw_dtype: torch.dtype,
-        *,
-        dx_out: Tensor | None = None,
-        dw_out: Tensor | None = None,
-    ) -> tuple[Tensor | None, Tensor | None]:
-        bounds = _group_bounds(offsets)
-        dx = dw = None
-        if need_dx:
-            dyd = dequantize_rowwise(*quantize_rowwise(dy))
-            wd_t = dequantize_blockwise(wq_t, sw_t)  # (E, K, N)
-            dx = torch.zeros(dy.shape[0], wd_t.shape[1], dtype=torch.float32, device=dy.device)
-            for e, (lo, hi) in enumerate(bounds):
-                if hi > lo:
-                    dx[lo:hi] = dyd[lo:hi] @ wd_t[e].T
-            dx = into("dx_out", dx_out, dx.to(dx_dtype))
-        if need_dw:
-            dw = torch.zeros(len(bounds), dy.shape[1], x.shape[1], dtype=torch.float32, device=dy.device)
-            for e, (lo, hi) in enumerate(bounds):
-                if hi > lo:
-                    dw[e] = _dequantized_token_tiles(dy[lo:hi]).T @ _dequantized_token_tiles(x[lo:hi])
-            dw = into("dw_out", dw_out, dw.to(dw_dtype))
-        return dx, dw
+def reference_m_grouped(
+    a: Tensor, sa: Tensor, b: Tensor, sb: Tensor, plan: GroupLayout, out_dtype: torch.dtype, out: Tensor | None
+) -> Tensor:
+    """The M-grouped GEMM of :class:`~fp8moe.backends.base.MGroupedGemm`, dequantized, fp32 per group."""
+    with torch.autocast(a.device.type, enabled=False):
+        ad = dequantize_rowwise(a, sa.T)
+        bd = dequantize_blockwise(b, sb)
+        padded = torch.zeros(plan.num_padded_rows + 1, b.shape[1], dtype=torch.float32, device=a.device)
+        for g, (start, length) in enumerate(_groups(plan)):
+            if length:
+                padded[start : start + length] = ad[start : start + length] @ bd[g].T
+        y = padded[plan.row_to_padded.long()]  # unrouted rows read the zero row past the layout
+    return into("out", out, y.to(out_dtype))
+
+
+class ReferenceKGrouped:
+    """The K-grouped GEMM (wgrad) dequantized, fp32 per group."""
+
+    def prepare(self, plan: GroupLayout):
+        def wgrad(
+            a: Tensor, sa: Tensor, b: Tensor, sb: Tensor, out_dtype: torch.dtype, out: Tensor | None, accumulate: bool
+        ) -> Tensor:
+            n, k = sa.shape[1], sb.shape[1]
+            d = torch.zeros(plan.num_groups, n, k, dtype=torch.float32, device=a.device)
+            with torch.autocast(a.device.type, enabled=False):
+                for g, (start, length) in enumerate(_groups(plan)):
+                    if length:
+                        blocks = slice(start // BLOCK, (start + length) // BLOCK)
+                        ag = dequantize_colwise(a[n * start : n * (start + length)].view(n, length).T, sa[blocks])
+                        bg = dequantize_colwise(b[k * start : k * (start + length)].view(k, length).T, sb[blocks])
+                        d[g] = ag.T @ bg
+            if accumulate:
+                if out is None:
+                    raise ValueError("out: accumulate=True needs the buffer to add into")
+                return out.add_(d)
+            return into("dw_out", out, d.to(out_dtype))
+
+        return wgrad

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fp8moe.layout import GroupLayout
+from fp8moe.plan import GroupLayout
 from fp8moe.recipe import BLOCK, FP8_DTYPE, FP8_MAX, MIN_NORMAL
 from fp8moe.validation import check_out
 
@@ -228,6 +228,17 @@ def _quantize_tokens(x: Tensor, layout: GroupLayout, rowwise: bool, token_tiles:
             TOKEN_TILES=token_tiles,
         )
     return tuple(t for t in (q, s, qt, st) if t is not None)
+
+
+def quantize_tokens(
+    x: Tensor, layout: GroupLayout, *, rows: bool = True, token_tiles: bool = True
+) -> tuple[Tensor, ...]:
+    """x (M, C) -> the outputs of :func:`quantize_rows_padded` (if ``rows``) then of
+    :func:`quantize_token_tiles` (if ``token_tiles``), from one read of x."""
+    _check_tokens(x, layout, "x")
+    if not (rows or token_tiles):
+        return ()
+    return _quantize_tokens(x, layout, rowwise=rows, token_tiles=token_tiles)
 
 
 def quantize_rows_padded(x: Tensor, layout: GroupLayout) -> tuple[Tensor, Tensor]:

@@ -9,8 +9,9 @@ scales to the partial product before adding it to an fp32 accumulator:
   first row of its 128-row block (``layout.row_expert``) and is skipped when that row is padding; results
   go straight to the unpadded rows (``layout.padded_to_row``), and rows past ``offsets[-1]`` are zeroed.
 - :func:`k_grouped_gemm`: ``d[g] = a_g @ b_g.T`` contracting over expert g's padded tokens, both operands
-  in the flat per-group token-tile layout of :mod:`fp8moe.quant.triton` with 128x1 scales; ``d`` is
-  written once, in its final dtype (no fp32 (E, N, K) temporary); an expert with no tokens gets zeros.
+  in the flat per-group token-tile layout of :mod:`fp8moe.kernels.quantize` with 128x1 scales; ``d`` is
+  written once, in its final dtype (no fp32 (E, N, K) temporary), or added into (``accumulate``: an fp32
+  gradient-accumulation buffer); an expert with no tokens gets zeros (adds nothing).
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from fp8moe.plan import GroupLayout
 from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from fp8moe.layout import GroupLayout
 from fp8moe.recipe import BLOCK, FP8_DTYPE
 from fp8moe.validation import check_out
 
@@ -115,7 +116,8 @@ def _zero_unrouted_rows_kernel(
             tl.store(y_ptr + rows.to(tl.int64)[:, None] * stride_y + cols[None, :], zeros, mask=mask)
 
 
-@triton.autotune(configs=_configs(), key=["N", "K"])
+# restore_value: autotuning times every config on the real buffer, which an accumulating launch adds into.
+@triton.autotune(configs=_configs(), key=["N", "K", "ACCUMULATE"], restore_value=["d_ptr"])
 @triton.jit
 def _k_grouped_kernel(
     a_ptr,
@@ -127,11 +129,13 @@ def _k_grouped_kernel(
     padded_sizes_ptr,
     N,
     K,
+    ACCUMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """d[g] (N, K) <- a_g (N, k_g) @ b_g (K, k_g)^T per BLOCK_M x BLOCK_N tile (see k_grouped_gemm)."""
+    """d[g] (N, K) <- (d[g] if ACCUMULATE) + a_g (N, k_g) @ b_g (K, k_g)^T per BLOCK_M x BLOCK_N tile (see
+    k_grouped_gemm)."""
     BLOCK_T: tl.constexpr = 128
     num_m = N // BLOCK_M
     num_n = K // BLOCK_N
@@ -158,6 +162,8 @@ def _k_grouped_kernel(
         sa_ptrs += N
         sb_ptrs += K
     d_ptrs = d_ptr + group.to(tl.int64) * N * K + rm.to(tl.int64)[:, None] * K + rn[None, :]
+    if ACCUMULATE:
+        acc += tl.load(d_ptrs).to(tl.float32)
     tl.store(d_ptrs, acc.to(d_ptr.dtype.element_ty))
 
 
@@ -225,7 +231,15 @@ def m_grouped_gemm(
 
 
 def k_grouped_gemm(
-    a: Tensor, sa: Tensor, b: Tensor, sb: Tensor, layout: GroupLayout, out_dtype: torch.dtype, out: Tensor | None = None
+    a: Tensor,
+    sa: Tensor,
+    b: Tensor,
+    sb: Tensor,
+    layout: GroupLayout,
+    out_dtype: torch.dtype,
+    out: Tensor | None = None,
+    *,
+    accumulate: bool = False,
 ) -> Tensor:
     """K-grouped NT GEMM: ``d[g] = dequant(a_g) @ dequant(b_g).T`` over expert g's padded tokens.
 
@@ -239,9 +253,10 @@ def k_grouped_gemm(
         layout: the group plan both were quantized with.
         out_dtype: dtype of the result (written directly from the fp32 accumulator).
         out: optional contiguous (E, N, K) ``out_dtype`` buffer to write the result into.
+        accumulate: add the product into ``out`` (required) instead of overwriting it.
 
     Returns:
-        d: (E, N, K) ``out_dtype`` (``out`` when given); zero for experts with no tokens.
+        d: (E, N, K) ``out_dtype`` (``out`` when given); zero (or unchanged) for experts with no tokens.
     """
     mp = layout.num_padded_rows
     n, k = sa.shape[1], sb.shape[1]
@@ -250,6 +265,8 @@ def k_grouped_gemm(
     _check_fp8("b", b, (k * mp,))
     _check_scales("sb", sb, (mp // BLOCK, k))
     if out is None:
+        if accumulate:
+            raise ValueError("out: accumulate=True needs the buffer to add into")
         d = torch.empty(layout.num_groups, n, k, dtype=out_dtype, device=a.device)
     else:
         d = check_out("out", out, (layout.num_groups, n, k), out_dtype, a.device)
@@ -259,5 +276,5 @@ def k_grouped_gemm(
     def grid(meta: dict) -> tuple[int]:
         return (layout.num_groups * (n // meta["BLOCK_M"]) * (k // meta["BLOCK_N"]),)
 
-    _k_grouped_kernel[grid](a, sa, b, sb, d, layout.padded_starts, layout.padded_sizes, n, k)
+    _k_grouped_kernel[grid](a, sa, b, sb, d, layout.padded_starts, layout.padded_sizes, n, k, ACCUMULATE=accumulate)
     return d
