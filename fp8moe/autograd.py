@@ -8,8 +8,6 @@ The backward reads dy once into both its operands and runs only the GEMMs whose 
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -62,8 +60,17 @@ class _GroupedMM(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            raise RuntimeError(
+                "fp8moe.grouped_mm is differentiable once: its backward was called with create_graph=True "
+                "(second-order gradients through the FP8 GEMMs are not supported)"
+            )
+        return _GroupedMM._backward(ctx, dy)
+
+    @staticmethod
+    @once_differentiable
+    def _backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:
         xt, sxt, wq_t, sw_t, offsets, plan_data = ctx.saved_tensors
         need_dx, need_dw = ctx.needs_input_grad[:2]
         if not (need_dx or need_dw):
@@ -121,8 +128,9 @@ def grouped_mm(
             ``w.grad`` is left untouched.
         plan: the routing's plan, ``fp8moe.plan_groups(offsets, M)``, to share between calls (the two
             GEMMs of an MoE layer); built here when None. Its ``offsets`` must be ``offsets`` itself.
-        validate: also check the *values* of ``offsets`` (one host read; for tests and debugging;
-            skipped with a warning under ``torch.compile``).
+        validate: also check the *values* of ``offsets`` (one host read; for tests and debugging). Under
+            ``torch.compile`` the check is skipped (a host read cannot be part of a graph): validate in an
+            eager call.
 
     Returns:
         y: (M, N) ``out_dtype``. Differentiable in ``x`` and ``w`` (gradients in their dtypes), once:
@@ -138,9 +146,7 @@ def grouped_mm(
     if plan is not None:
         check_plan(plan, offsets, x.shape[0])
     if validate:
-        if torch.compiler.is_compiling():
-            warnings.warn("grouped_mm: validate=True reads offsets on the host; skipped under torch.compile")
-        else:
+        if not torch.compiler.is_compiling():  # a host read has no place in a compiled graph: skipped there
             check_offsets_values(offsets, x.shape[0])
     key = resolve_backend(backend, x.device, check_wgrad(wgrad))
     plan_data = None if plan is None else plan.data

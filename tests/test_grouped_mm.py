@@ -185,3 +185,85 @@ def test_auto_on_cpu_is_reference():
         fp8moe.grouped_mm(x, w, offsets), fp8moe.grouped_mm(x, w, offsets, backend="reference"), rtol=0, atol=0
     )
     assert fp8moe.backend_info("cpu")["auto"] == "reference"
+
+
+def test_tiny_finite_input_gives_finite_output():
+    """A tile holding a zero and a value whose amax/448 rounds to 0 in fp32 used to give 0/0 = NaN."""
+    x = torch.zeros(128, 128)
+    x[0, 0] = 1e-44
+    w = torch.randn(1, 128, 128, generator=torch.Generator().manual_seed(0)) / 10
+    xg = x.clone().requires_grad_()
+    y = fp8moe.grouped_mm(xg, w.requires_grad_(), torch.tensor([128], dtype=torch.int32), out_dtype=torch.float32)
+    y.backward(torch.ones_like(y) * 1e-44)
+    assert torch.equal(y, torch.zeros_like(y)) and torch.isfinite(xg.grad).all() and torch.isfinite(w.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_autocast_does_not_change_the_recipe(dtype):
+    """Under torch.autocast the reference backend still multiplies in fp32: the same bits as without it,
+    x quantized from its own dtype."""
+    x, w, offsets, dy = make_problem(12, m=300, n=128, k=256, e=3, dtype=dtype, empty_groups=1)
+    plain = run(x, w, offsets, dy, out_dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = run(x, w, offsets, dy, out_dtype=torch.float32)
+    for a, b in zip(plain, under):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    y64 = grouped_mm_fwd_bwd(x.double().numpy(), w.double().numpy(), offsets.numpy(), dy.double().numpy())[0]
+    assert sqnr_db(torch.from_numpy(y64), under[0]) >= 100
+
+
+def test_double_backward_raises_instead_of_a_silent_none():
+    x, w, offsets, dy = make_problem(13, m=300, n=128, k=256, e=3)
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = fp8moe.grouped_mm(xg, wg, offsets, backend="reference", out_dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="grouped_mm is differentiable once"):
+        torch.autograd.grad(y, xg, dy, create_graph=True)
+    (dx,) = torch.autograd.grad(y, xg, dy)  # first order still works
+    assert not dx.requires_grad
+
+
+def test_validate_under_torch_compile_is_skipped():
+    """validate=True traces under fullgraph (no data-dependent guard); the value check is eager-only."""
+    torch._dynamo.reset()
+    x, w, offsets, _ = make_problem(14, m=300, n=128, k=256, e=3)
+    compiled = torch.compile(
+        lambda x_, w_, o_: fp8moe.grouped_mm(x_, w_, o_, backend="reference", validate=True), fullgraph=True
+    )
+    assert torch.equal(compiled(x, w, offsets), fp8moe.grouped_mm(x, w, offsets, backend="reference"))
+
+
+def test_main_grad_accumulates_like_autograd():
+    """Two micro-batches added into an fp32 buffer equal autograd's accumulated gradient, added to the
+    buffer's previous contents; w.grad stays None; x still gets its gradient."""
+    x, w, offsets, dy = make_problem(15, m=300, n=128, k=256, e=3, empty_groups=1)
+    main_grad = torch.randn(w.shape, generator=torch.Generator().manual_seed(1))
+    start = main_grad.clone()
+    wg, wa = w.clone().requires_grad_(), w.clone().requires_grad_()
+    xg = x.clone().requires_grad_()
+    for scale in (1.0, -0.5):
+        fp8moe.grouped_mm(xg, wg, offsets, backend="reference", main_grad=main_grad).backward(dy * scale)
+        fp8moe.grouped_mm(x, wa, offsets, backend="reference").backward(dy * scale)
+    assert wg.grad is None and xg.grad is not None
+    torch.testing.assert_close(main_grad, start + wa.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_main_grad_is_checked():
+    x, w, offsets, _ = make_problem(16, m=300, n=128, k=256, e=3)
+    with pytest.raises(TypeError, match="main_grad: expected dtype torch.float32"):
+        fp8moe.grouped_mm(x, w, offsets, main_grad=torch.zeros(w.shape, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="main_grad: expected a contiguous tensor of shape"):
+        fp8moe.grouped_mm(x, w, offsets, main_grad=torch.zeros(3, 128, 128))
+    with pytest.raises(TypeError, match="main_grad: expected a torch.Tensor or None"):
+        fp8moe.grouped_mm(x, w, offsets, main_grad=0.0)
+
+
+def test_a_shared_plan_gives_the_same_bits_and_is_checked():
+    x, w, offsets, dy = make_problem(17, m=300, n=128, k=256, e=3, tail_rows=20)
+    plan = fp8moe.plan_groups(offsets, x.shape[0])
+    with_plan = run(x, w, offsets, dy, plan=plan)
+    for a, b in zip(with_plan, run(x, w, offsets, dy)):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="plan: expected the plan of these offsets"):
+        fp8moe.grouped_mm(x, w, offsets.clone(), plan=plan)
+    with pytest.raises(TypeError, match="plan: expected a GroupLayout"):
+        fp8moe.grouped_mm(x, w, offsets, plan=object())

@@ -383,6 +383,9 @@ def test_bad_input_raises_at_trace_time_like_the_torch_op(case):
         (dict(out_dtype="float64"), TypeError, "out_dtype: expected one of"),
         (dict(backend="cublas"), ValueError, "unknown backend 'cublas'"),
         (dict(backend=3), TypeError, "backend: expected a str"),
+        (dict(backend=["reference"]), TypeError, "backend: expected a str, got list"),
+        (dict(wgrad=["triton"]), TypeError, "wgrad: expected None or a str, got list"),
+        (dict(wgrad="cutlass"), ValueError, "wgrad: unknown wgrad provider 'cutlass'"),
         (dict(backend="deepgemm"), RuntimeError, "backend 'deepgemm' cannot run"),
     ],
 )
@@ -390,6 +393,24 @@ def test_bad_options_raise_at_trace_time(kwargs, error, message):
     args = _abstract(GOOD)
     with pytest.raises(error, match=message):
         jax.eval_shape(lambda a: jax_bridge.grouped_mm(a["x"], a["w"], a["offsets"], **kwargs), args)
+
+
+def test_tiny_values_give_the_torch_ops_bits():
+    """XLA's CPU threads flush subnormals; inside the callback torch runs with IEEE subnormals, and the recipe
+    reads |v| < 2^-126 as 0, so tiny and subnormal inputs give the torch op's bits (and never NaN)."""
+    x = jnp.zeros((128, 256), jnp.float32).at[0, 0].set(1e-37).at[1, 1].set(1e-44).at[2, 2].set(2.0**-126)
+    x = x.at[3, 128:].set(3e-38)  # tiles below the threshold: zero tiles
+    # tiles just above it, against a small weight: subnormal products, which a flushing thread would zero
+    x = x.at[4:64].set(jax.random.normal(jax.random.key(1), (60, 256)) * jnp.float32(1e-35))
+    w = jax.random.normal(jax.random.key(0), (2, 128, 256)) * jnp.float32(1e-4)
+    w = w.at[1].set(1e-41)  # an all-subnormal expert weight
+    offsets = jnp.array([64, 128], jnp.int32)
+    dy = jax.random.normal(jax.random.key(2), (128, 128)) * jnp.float32(1e-35)
+    y, dx, dw = bridge_vjp(x, w, offsets, dy, out_dtype=jnp.float32)
+    y_t, dx_t, dw_t = torch_vjp(x, w, offsets, dy, out_dtype=torch.float32)
+    for got, want in ((y, y_t), (dx, dx_t), (dw, dw_t)):
+        assert np.isfinite(np.asarray(got)).all()
+        assert_bits_equal(got, want)
 
 
 def test_non_array_input_raises():

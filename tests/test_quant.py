@@ -108,3 +108,47 @@ def test_shape_not_multiple_of_128_is_rejected():
         quantize_rowwise(torch.randn(2, 100))
     with pytest.raises(ValueError, match="w: dimension -2 must be a multiple of 128"):
         quantize_blockwise(torch.randn(1, 100, 128))
+
+
+TINY_CASES = {
+    "subnormal_beside_zero": [1e-44] + [0.0] * 127,  # amax/448 rounds to 0 in fp32: was 0/0 = NaN
+    "subnormals_only": [2.0**-130, -(2.0**-140)] + [0.0] * 126,
+    "amax_just_below_448_min_normal": [448 * 2.0**-126 * (1 - 2**-20), 1e-40] + [0.0] * 126,
+    "smallest_normal_values": [2.0**-126, -(2.0**-125)] + [0.0] * 126,
+}
+
+
+@pytest.mark.parametrize("values", TINY_CASES.values(), ids=TINY_CASES.keys())
+@pytest.mark.parametrize(
+    "quantize, dequantize, shape",
+    [
+        (quantize_rowwise, dequantize_rowwise, (1, 128)),
+        (quantize_colwise, dequantize_colwise, (128, 1)),
+    ],
+)
+def test_tiny_tiles_are_zero_tiles_never_nan(values, quantize, dequantize, shape):
+    """The recipe's rule: |v| < 2^-126 reads as 0, and a tile whose scale is below 2^-126 is a zero tile."""
+    x = torch.tensor(values, dtype=torch.float32).reshape(shape)
+    q, s = quantize(x)
+    assert torch.equal(s, torch.zeros_like(s)) and not q.float().any()
+    assert not dequantize(q, s).isnan().any()
+
+
+def test_first_tile_above_the_tiny_threshold_is_quantized():
+    """A tile whose amax is 448 * 2^-126 has scale 2^-126 exactly: quantized, and subnormals in it read as 0."""
+    x = torch.zeros(1, 128)
+    x[0, 0], x[0, 1], x[0, 2] = 448 * 2.0**-126, 2.0**-127, 2.0**-120
+    q, s = quantize_rowwise(x)
+    assert s.item() == 2.0**-126
+    assert q[0, 0].float().item() == 448 and q[0, 1].float().item() == 0 and q[0, 2].float().item() == 64
+    y64 = fq_rows(x.double().numpy())
+    np.testing.assert_array_equal(dequantize_rowwise(q, s).double().numpy(), y64)
+
+
+def test_tiny_values_in_a_block_and_a_nan_still_propagates():
+    w = torch.zeros(1, 128, 128)
+    w[0, 0, 0] = 1e-44
+    q, s = quantize_blockwise(w)
+    assert s.item() == 0 and not q.float().any()
+    w[0, 5, 5] = math.nan
+    assert quantize_blockwise(w)[1].isnan().all()

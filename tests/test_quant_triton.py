@@ -30,7 +30,7 @@ import torch
 from fp8moe.backends.reference import ReferenceQuantizer
 from fp8moe.plan import GroupLayout, plan_groups
 from fp8moe.quant import reference
-from fp8moe.quant.reference import quantize_blockwise, quantize_colwise, quantize_rowwise
+from fp8moe.quant.reference import quantize_blockwise
 from fp8moe.recipe import BLOCK, FP8_DTYPE, FP8_MAX, MIN_NORMAL
 from fp8moe.testing import random_offsets
 

@@ -19,10 +19,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from fp8moe.plan import GroupLayout
 from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from fp8moe.plan import GroupLayout
 from fp8moe.recipe import BLOCK, FP8_DTYPE
 from fp8moe.validation import check_out
 
