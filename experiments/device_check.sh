@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
-# The whole GPU check, run from the repo root on the H100 device machine (see the README):
-#   bash experiments/device_check.sh [stage ...]      stages: build test bench jax train (default: all)
-# `build` builds DeepGEMM from the sdist in .devcache/ (plus torchao for the peer benchmarks); `test`
-# runs the whole pytest suite (the CUDA tests run here); `bench`, `jax` and `train` run the benchmarks
-# and the training experiment. Logs and results are written to $LOGS and packed into $OUT/results.tgz
-# after every stage (the device tool brings back only a few files, and a call cut off by its time limit
-# still returns what finished). TRAIN_ARGS adds flags to train_moe.py (e.g. "--framework torch");
-# STAGE_TIMEOUT (seconds, default 1800) bounds each command.
+# The whole GPU check, run from the repo root on the device machine (H100/H200; see the README):
+#   bash experiments/device_check.sh [stage ...]      stages: build test bench kernels jax train (default: all)
+# `build` installs DeepGEMM (and torchao for the peer rows) from .devcache/ (see build_deepgemm.sh); `test`
+# runs the whole pytest suite (the CUDA tests run here); `bench`, `kernels`, `jax` and `train` run the
+# benchmarks and the training experiment. Logs and results are written to $LOGS and packed into
+# $OUT/results.tgz after every stage (the device tool brings back only a few files, and a call cut off by
+# its time limit still returns what finished). PYTEST_ARGS narrows the test stage, TRAIN_ARGS adds flags
+# to train_moe.py; STAGE_TIMEOUT (seconds, default 1800) bounds each command.
 set -uo pipefail
 OUT=${OUT:-/tmp/fp8moe-out}
 LOGS=${LOGS:-/tmp/fp8moe-logs}
 mkdir -p "$OUT" "$LOGS"
 export CUDA_HOME=/usr/local/cuda PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=$PWD
-stages=${*:-build test bench jax train}
+stages=${*:-build test bench kernels jax train}
 status=0
 run() {  # run <log name> <command...>: tee into $LOGS/<log name>, remember failures
   local log=$1; shift
@@ -20,16 +20,16 @@ run() {  # run <log name> <command...>: tee into $LOGS/<log name>, remember fail
   timeout "${STAGE_TIMEOUT:-1800}" "$@" 2>&1 | tee "$LOGS/$log" || status=1
 }
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader | tee "$LOGS/device.txt"
+git rev-parse --short HEAD 2>/dev/null | tee -a "$LOGS/device.txt"
 for stage in $stages; do
   case $stage in
     build) run build.log bash .devcache/build_deepgemm.sh .devcache ;;
-    test) run pytest.log python -m pytest -q -ra tests ;;
-    bench)
-      run bench_grouped_mm.log python experiments/bench_grouped_mm.py --out "$LOGS"
-      run bench_kernels.log python experiments/bench_kernels.py --out "$LOGS" ;;
+    test) run pytest.log python -m pytest -q -ra -p no:cacheprovider ${PYTEST_ARGS:-tests} ;;
+    bench) run bench_grouped_mm.log python experiments/bench_grouped_mm.py --out "$LOGS" ;;
+    kernels) run bench_kernels.log python experiments/bench_kernels.py --out "$LOGS" ;;
     jax) run bench_jax.log python experiments/bench_jax.py --out "$LOGS" ;;
     train) run train.log python experiments/train_moe.py --out "$LOGS/train" ${TRAIN_ARGS:-} ;;
-    *) echo "unknown stage $stage"; status=2 ;;
+    *) run "$stage.log" python "$stage" ;;  # any other argument: a Python script to run
   esac
   tar -czf "$OUT/results.tgz" -C "$LOGS" .
 done

@@ -75,6 +75,25 @@ class GroupLayout:
     def _part(self, start: int, length: int) -> Tensor:
         return self.data[start : start + length]
 
+    def padded_sizes_on_host(self) -> tuple[Tensor, torch.cuda.Event | None]:
+        """``padded_sizes`` on the host: (tensor, event to wait on before reading it, or None).
+
+        On a GPU the copy is started once per plan, asynchronously into pinned memory, the first time this
+        is called (the forward calls it when a weight gradient will need it, so the backward rarely waits).
+        """
+        cached = self.__dict__.get("_padded_sizes_on_host")
+        if cached is None:
+            if self.data.is_cuda:
+                host = torch.empty(self.num_groups, dtype=torch.int32, pin_memory=True)
+                host.copy_(self.padded_sizes, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+                cached = (host, event)
+            else:
+                cached = (self.padded_sizes, None)
+            self.__dict__["_padded_sizes_on_host"] = cached  # frozen dataclass: a cache, not a field
+        return cached
+
     @functools.cached_property
     def padded_starts(self) -> Tensor:
         return self._part(0, self.num_groups)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import fp8moe
-import fp8moe.ops
 from fp8moe import weight_cache
+from fp8moe.backends import Backend
 
 
 @pytest.fixture
@@ -17,8 +17,8 @@ def quantizations(monkeypatch):
     """Count the weight quantizations that actually run."""
     fp8moe.clear_weight_cache()
     calls = []
-    original = fp8moe.ops.quantize_weight
-    monkeypatch.setattr(fp8moe.ops, "quantize_weight", lambda *args: calls.append(args[2]) or original(*args))
+    original = Backend.quantize_weight
+    monkeypatch.setattr(Backend, "quantize_weight", lambda self, w, t: calls.append(t) or original(self, w, t))
     yield calls
     fp8moe.clear_weight_cache()
 

@@ -65,9 +65,11 @@ WgradGemm = Callable[[Tensor, Tensor, Tensor, Tensor, torch.dtype, "Tensor | Non
 
 
 class KGroupedGemm(Protocol):
+    """May also define ``prefetch(plan)``, called by a forward whose weight gradient will follow (a provider
+    that needs host values starts reading them there)."""
+
     def prepare(self, plan: GroupLayout) -> WgradGemm:
-        """The wgrad GEMM for ``plan``, prepared at the top of the backward (a provider that needs host
-        values starts reading them here) and called at its end."""
+        """The wgrad GEMM for ``plan``, prepared at the top of the backward and called at its end."""
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,8 @@ class Backend:
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """x (M, K) -> (y (M, N) ``out_dtype``, xt, sxt): x's token tiles (the wgrad operand, from the same
         read of x) when ``token_tiles``, else None."""
+        if token_tiles and hasattr(self.k_grouped, "prefetch"):
+            self.k_grouped.prefetch(plan)  # what the weight gradient's provider will need from the host
         xq, sx, *tiles = self.quantizer.tokens(x, plan, True, token_tiles)
         y = self.m_grouped(xq, sx, wq, sw, plan, out_dtype, out)
         xt, sxt = tiles if token_tiles else (None, None)

@@ -69,11 +69,15 @@ def deepgemm_m_grouped(
 
 
 class DeepGEMMKGrouped:
+    def prefetch(self, plan: GroupLayout) -> None:
+        """Called by the forward when a weight gradient will follow: start the one host read (the padded
+        group sizes) there, so that it is long done when the backward needs it (not in graph capture)."""
+        if not (plan.data.is_cuda and torch.cuda.is_current_stream_capturing()):
+            plan.padded_sizes_on_host()
+
     def prepare(self, plan: GroupLayout) -> WgradGemm:
-        """Start the one host read (the padded group sizes) now; wait for it only at the wgrad launch."""
-        ks_host = plan.padded_sizes.to("cpu", non_blocking=True)  # into pinned memory, asynchronously
-        ks_ready = torch.cuda.Event()
-        ks_ready.record()
+        """Start the host read if the forward did not; wait for it only at the wgrad launch."""
+        ks_host, ks_ready = plan.padded_sizes_on_host()
 
         def wgrad(
             a: Tensor, sa: Tensor, b: Tensor, sb: Tensor, out_dtype: torch.dtype, out: Tensor | None, accumulate: bool
@@ -88,7 +92,8 @@ class DeepGEMMKGrouped:
                 d = check_out("dw_out", out, shape, out_dtype, a.device).zero_()
             else:
                 d = torch.zeros(shape, dtype=torch.float32, device=a.device)
-            ks_ready.synchronize()
+            if ks_ready is not None:
+                ks_ready.synchronize()
             ks = ks_host.tolist()
             blocks = sum(ks) // 128
             deep_gemm.k_grouped_fp8_gemm_nt_contiguous(
