@@ -4,11 +4,10 @@ import math
 
 import pytest
 import torch
-from recipe64 import fq_token_tiles, grouped_mm_fwd_bwd
 
 import fp8moe
 from fp8moe.backends import Backend
-from fp8moe.testing import random_offsets, sqnr_db
+from fp8moe.testing import fq_token_tiles, grouped_mm_fwd_bwd, random_offsets, sqnr_db
 
 ROUTINGS = {
     "ragged": dict(empty_groups=0, tail_rows=0),

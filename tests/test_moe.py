@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from recipe64 import fq_blocks, fq_rows
 
 from fp8moe.moe import MoE, route
-from fp8moe.testing import sqnr_db
+from fp8moe.testing import fq_blocks, fq_rows, sqnr_db
 
 D, FF, E, K = 128, 256, 6, 2
 

@@ -5,7 +5,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from recipe64 import fq_blocks, fq_rows, fq_token_tiles
 
 from fp8moe.quant import (
     FP8_DTYPE,
@@ -17,6 +16,7 @@ from fp8moe.quant import (
     quantize_colwise,
     quantize_rowwise,
 )
+from fp8moe.testing import fq_blocks, fq_rows, fq_token_tiles
 
 
 @pytest.fixture

@@ -1,0 +1,178 @@
+"""fp8moe.testing (CPU, fast): the benchmark timer's CPU path, saved-for-backward bytes, the routing presets,
+the float64 recipe model."""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from fp8moe.testing import (
+    ROUTING_PRESETS,
+    fq_blocks,
+    fq_rows,
+    fq_token_tiles,
+    grouped_mm_fwd_bwd,
+    round_e4m3,
+    routing_offsets,
+    saved_tensor_bytes,
+    time_call,
+)
+
+on_cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path of the timer")
+
+
+# ---------------------------------------------------------------------------------------------- timer
+
+
+@on_cpu_only
+def test_timer_times_one_call_by_wall_clock_on_cpu():
+    calls = []
+
+    def fn():
+        calls.append(1)
+        time.sleep(0.002)
+        return "out"
+
+    t = time_call(fn, warmup=2, calls=5, cpu_calls=3)
+    assert len(calls) == 2 + 5 + 3  # no profiler or memory pass without CUDA
+    assert t.method == "wall" and t.calls == 5
+    assert 2.0 <= t.median_ms < 100 and 2.0 <= t.cpu_ms < 100
+    assert t.launches is None and t.gpu_kernel_ms is None and t.peak_mib is None and t.kernels is None
+
+
+@on_cpu_only
+def test_timer_waits_for_each_output_with_sync():
+    synced = []
+
+    def sync(out):
+        time.sleep(0.003)  # the "device" work the call left behind
+        synced.append(out)
+
+    t = time_call(lambda: 7, sync=sync, warmup=1, calls=4, cpu_calls=2)
+    assert t.method == "wall+sync" and synced == [7] * (1 + 4 + 2)
+    assert t.median_ms >= 3.0  # the wait is part of the call's time ...
+    assert t.cpu_ms < 3.0  # ... but not of the host time of issuing it
+
+
+def test_timer_rejects_no_calls_and_propagates_errors():
+    with pytest.raises(ValueError, match="calls"):
+        time_call(lambda: None, calls=0)
+
+    def broken():
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        time_call(broken)
+
+
+def test_saved_bytes_count_each_storage_once_and_inputs_apart():
+    x = torch.randn(64, 32, requires_grad=True)
+    w = torch.randn(32, 16, requires_grad=True)
+    saved, y = saved_tensor_bytes(lambda: (x @ w).square(), inputs=(x, w))
+    # mm saves x and w; square saves its input (x @ w, 64 x 16 fp32)
+    assert saved.total == (64 * 32 + 32 * 16 + 64 * 16) * 4
+    assert saved.inputs == (64 * 32 + 32 * 16) * 4 and saved.beyond_inputs == 64 * 16 * 4
+    assert y.shape == (64, 16) and y.requires_grad
+    saved, _ = saved_tensor_bytes(lambda: x * x)  # the same tensor saved twice counts once
+    assert saved.total == x.nbytes and saved.inputs == 0
+    with torch.no_grad():
+        assert saved_tensor_bytes(lambda: x * w[:, 0].sum())[0].total == 0
+
+
+# ---------------------------------------------------------------------------------------------- routings
+
+
+@pytest.mark.parametrize("preset", ROUTING_PRESETS)
+@pytest.mark.parametrize("rows, experts", [(1000, 8), (37, 3), (5, 1)])
+def test_routing_presets_are_valid_offsets(preset, rows, experts):
+    offsets = routing_offsets(preset, rows, experts, seed=3)
+    assert offsets.dtype == torch.int32 and offsets.shape == (experts,)
+    sizes = torch.diff(offsets, prepend=offsets.new_zeros(1))
+    assert (sizes >= 0).all() and int(offsets[-1]) <= rows
+    assert torch.equal(offsets, routing_offsets(preset, rows, experts, seed=3))  # deterministic
+    if preset in ("balanced", "ragged", "skewed", "empty"):
+        assert int(offsets[-1]) == rows  # every row routed
+
+
+def test_routing_presets_have_their_shapes():
+    def sizes(preset, **kw):
+        offsets = routing_offsets(preset, 1000, 8, **kw)
+        return torch.diff(offsets, prepend=offsets.new_zeros(1)).tolist()
+
+    assert sizes("balanced") == [125] * 8
+    assert routing_offsets("balanced", 10, 4).tolist() == [3, 6, 8, 10]
+    skewed = sizes("skewed")
+    assert max(skewed) == 400 and skewed.count(0) == 2
+    assert sizes("empty").count(0) == 3
+    assert int(routing_offsets("tail", 1000, 8)[-1]) == 750 and sizes("tail").count(0) >= 1
+    assert sizes("one_row") == [1] * 8
+    assert sizes("ragged") != sizes("ragged", seed=1)
+    for preset in ROUTING_PRESETS[:-1]:
+        aligned, routed = sizes(preset, align=16), (750 if preset == "tail" else 1000)
+        assert all(s % 16 == 0 for s in aligned) and routed - 16 < sum(aligned) <= routed
+    assert sizes("skewed", align=16).count(0) == 2
+    assert routing_offsets("ragged", 64, 2, device="meta").device.type == "meta"
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (("nope", 10, 2), "balanced, ragged"),
+        (("balanced", 0, 2), "rows and experts"),
+        (("one_row", 3, 4), "rows >= experts"),
+        (("balanced", 10, 2, {"align": 0}), "align"),
+    ],
+)
+def test_routing_presets_reject_bad_arguments(args, match):
+    *positional, options = args if isinstance(args[-1], dict) else (*args, {})
+    with pytest.raises(ValueError, match=match):
+        routing_offsets(*positional, **options)
+
+
+# ---------------------------------------------------------------------------------------------- float64 model
+
+
+def test_round_e4m3_grid_ties_saturation_and_nan():
+    values = np.array([0.0, 1.0, 1.0625, 1.1875, 448.0, 500.0, -1e9, 2.0**-9, 2.0**-10, 3 * 2.0**-10, np.nan])
+    want = np.array([0.0, 1.0, 1.0, 1.25, 448.0, 448.0, -448.0, 2.0**-9, 0.0, 2.0**-8, np.nan])
+    np.testing.assert_array_equal(round_e4m3(values), want)  # ties to even: 1.0625 -> 1, 1.1875 -> 1.25
+
+
+def test_fake_quantizers_scale_each_tile_to_448():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 256))
+    xq = fq_rows(x)
+    for tile, qtile in zip(x.reshape(-1, 128), xq.reshape(-1, 128)):
+        amax = np.abs(tile).max()
+        assert np.abs(qtile).max() == pytest.approx(amax, rel=1e-6)  # the largest value is exact (448 * scale)
+        assert np.abs(qtile - tile).max() <= amax / 448 * 16  # at most half an e4m3 step of 32 scales
+    assert np.array_equal(fq_rows(np.zeros((2, 128))), np.zeros((2, 128)))
+    tiny = np.full((1, 128), 2.0**-127)  # below fp32's smallest normal: reads as zero
+    assert np.array_equal(fq_rows(tiny), np.zeros_like(tiny))
+    w = rng.standard_normal((2, 256, 128))
+    w[0, :128] *= 1000  # one block's scale does not affect another's
+    np.testing.assert_allclose(fq_blocks(w)[0, 128:], fq_blocks(w[:, 128:].copy())[0], rtol=0)
+    t = rng.standard_normal((130, 4))  # 128x1 tiles, the second one zero-padded from 2 rows
+    assert fq_token_tiles(t).shape == (130, 4)
+    columns = np.zeros((4, 128))  # the second tile's columns, as 1x128 rows: the same tiles
+    columns[:, :2] = t[128:].T
+    np.testing.assert_array_equal(fq_token_tiles(t)[128:], fq_rows(columns)[:, :2].T)
+
+
+def test_float64_grouped_mm_groups_empty_groups_and_tail():
+    rng = np.random.default_rng(1)
+    m, n, k, e = 300, 128, 256, 3
+    x, w, dy = rng.standard_normal((m, k)), rng.standard_normal((e, n, k)), rng.standard_normal((m, n))
+    offsets = np.array([100, 100, 250])
+    y, dx, dw = grouped_mm_fwd_bwd(x, w, offsets, dy, quantized=False)
+    np.testing.assert_allclose(y[:100], x[:100] @ w[0].T)
+    np.testing.assert_allclose(dx[100:250], dy[100:250] @ w[2])
+    np.testing.assert_allclose(dw[2], dy[100:250].T @ x[100:250])
+    assert not y[250:].any() and not dx[250:].any() and not dw[1].any()
+    yq, dxq, dwq = grouped_mm_fwd_bwd(x, w, offsets, dy)
+    for exact, fp8 in ((y, yq), (dx, dxq), (dw, dwq)):
+        snr = 10 * np.log10(np.square(exact).sum() / np.square(exact - fp8).sum())
+        assert 20 < snr < 40  # the FP8 quantization error
+    np.testing.assert_array_equal(yq[:100], fq_rows(x[:100]) @ fq_blocks(w)[0].T)
+    assert not yq[250:].any() and not dwq[1].any()
