@@ -1,9 +1,10 @@
 """Cross-implementation numerical comparison of one grouped GEMM forward + backward (y, dx, dw).
 
 For one shape and routing, runs ``y[rows of e] = x[rows of e] @ w[e].T`` and its gradients through:
-- ``float64 recipe``: the FP8 recipe's quantized values (``fp8moe.quant``), dequantized and multiplied in
-  float64, per expert -- the reference every row is compared against;
-- ``float64 exact``: the unquantized product in float64;
+- ``float64 recipe``: the FP8 recipe in float64/numpy (:func:`fp8moe.testing.grouped_mm_fwd_bwd`, a model
+  that shares no code with ``fp8moe.quant``): e4m3 values times their scales, multiplied in float64, per
+  expert -- the reference every row is compared against;
+- ``float64 exact``: the unquantized product in float64 (the same model with ``quantized=False``);
 - ``torch bf16``: ``torch._grouped_mm`` on bf16 operands;
 - ``fp8moe <backend>``: ``fp8moe.grouped_mm`` with every backend that can run here;
 - ``jax bridge <backend>``: ``jax_bridge.grouped_mm`` with the same backends, and ``jax ragged_dot bf16``
@@ -12,7 +13,8 @@ For one shape and routing, runs ``y[rows of e] = x[rows of e] @ w[e].T`` and its
 Prints SQNR (dB) and max relative error (``max|test - ref| / max|ref|``) of each against the float64
 recipe, the pairwise SQNR of all of them, and checks the pairs that must be bit-identical (the JAX
 bridge runs the same torch backend as ``fp8moe``): a mismatch is flagged and the exit status is 1.
-CPU by default, the GPU when present.
+CPU by default, the GPU when present. Routings are the presets of :func:`fp8moe.testing.routing_offsets`.
+Bad arguments end with one ``compare.py: error: ...`` line and exit status 2.
 
     python experiments/compare.py [--rows 2048 --n 512 --k 768 --experts 8 --routing ragged --device auto]
 """
@@ -30,18 +32,10 @@ import torch
 from torch import Tensor
 
 import fp8moe
-from fp8moe.quant import BLOCK, quantize_blockwise, quantize_colwise, quantize_rowwise
-from fp8moe.testing import random_offsets, sqnr_db
+from fp8moe.testing import ROUTING_PRESETS, grouped_mm_fwd_bwd, routing_offsets, sqnr_db
 
 TENSORS = ("y", "dx", "dw")
 REFERENCE = "float64 recipe"
-ROUTINGS = {
-    "ragged": {},
-    "balanced": None,
-    "empty": {"empty_groups": 3},
-    "skewed": {"empty_groups": 2, "skew": 0.4},
-    "tail": {"empty_groups": 1, "tail_rows": 100},
-}
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 Grads = tuple[Tensor, Tensor, Tensor]  # y (M, N), dx (M, K), dw (E, N, K), float64 on the CPU
@@ -72,45 +66,11 @@ def _to64(*tensors: Tensor) -> Grads:
     return tuple(t.detach().double().cpu() for t in tensors)
 
 
-def _bounds(offsets: Tensor) -> list[tuple[int, int]]:
-    ends = offsets.tolist()
-    return list(zip([0] + ends[:-1], ends))
-
-
-def fq_rows(t: Tensor) -> Tensor:
-    """t (R, C) through 1x128 tiles: the recipe's e4m3 values times their scales, in float64."""
-    values, scales = quantize_rowwise(t)
-    return (values.double().unflatten(-1, (-1, BLOCK)) * scales.double().unsqueeze(-1)).flatten(-2)
-
-
-def fq_blocks(w: Tensor) -> Tensor:
-    """w (E, N, K) through 128x128 blocks, in float64."""
-    values, scales = quantize_blockwise(w)
-    return values.double() * scales.double().repeat_interleave(BLOCK, -2).repeat_interleave(BLOCK, -1)
-
-
-def fq_token_tiles(t: Tensor) -> Tensor:
-    """One group's rows t (m, C) through 128x1 token tiles (zero-padded to 128 rows), in float64."""
-    padded = torch.nn.functional.pad(t.float(), (0, 0, 0, -t.shape[0] % BLOCK))
-    values, scales = quantize_colwise(padded)
-    return (values.double().unflatten(0, (-1, BLOCK)) * scales.double().unsqueeze(1)).flatten(0, 1)[: t.shape[0]]
-
-
 def float64_grouped(p: Problem, quantized: bool) -> Grads:
-    """y, dx, dw per expert in float64, through the FP8 recipe's quantization or exactly."""
-    x, w, dy = (t.detach().cpu() for t in (p.x, p.w, p.dy))
-    xd, wd, dyd = (fq_rows(x), fq_blocks(w), fq_rows(dy)) if quantized else (x.double(), w.double(), dy.double())
-    y, dx = torch.zeros(dy.shape, dtype=torch.float64), torch.zeros(x.shape, dtype=torch.float64)
-    dw = torch.zeros(w.shape, dtype=torch.float64)
-    for e, (lo, hi) in enumerate(_bounds(p.offsets)):
-        if hi > lo:
-            y[lo:hi] = xd[lo:hi] @ wd[e].T
-            dx[lo:hi] = dyd[lo:hi] @ wd[e]
-            if quantized:
-                dw[e] = fq_token_tiles(dy[lo:hi]).T @ fq_token_tiles(x[lo:hi])
-            else:
-                dw[e] = dyd[lo:hi].T @ xd[lo:hi]
-    return y, dx, dw
+    """y, dx, dw per expert in float64 (fp8moe.testing's model), through the FP8 recipe or exactly."""
+    x, w, dy = (t.detach().double().cpu().numpy() for t in (p.x, p.w, p.dy))
+    grads = grouped_mm_fwd_bwd(x, w, p.offsets.cpu().numpy(), dy, quantized=quantized)
+    return tuple(torch.from_numpy(g) for g in grads)
 
 
 def torch_autograd(fn: Callable[[Tensor, Tensor], Tensor], p: Problem, cast: torch.dtype | None = None) -> Grads:
@@ -176,11 +136,7 @@ def jax_implementations(p: Problem, backends: list[str]) -> dict[str, Callable[[
 
 def make_problem(args: argparse.Namespace, device: torch.device) -> Problem:
     gen = torch.Generator().manual_seed(args.seed)
-    routing = ROUTINGS[args.routing]
-    if routing is None:
-        offsets = torch.arange(1, args.experts + 1, dtype=torch.int32) * (args.rows // args.experts)
-    else:
-        offsets = random_offsets(args.rows, args.experts, generator=gen, **routing)
+    offsets = routing_offsets(args.routing, args.rows, args.experts, seed=args.seed)
     x = torch.randn(args.rows, args.k, generator=gen).to(DTYPES[args.dtype])
     w = (torch.randn(args.experts, args.n, args.k, generator=gen) / math.sqrt(args.k)).to(DTYPES[args.w_dtype])
     dy = torch.randn(args.rows, args.n, generator=gen).to(DTYPES[args.dtype])
@@ -198,12 +154,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--n", type=int, default=512, help="N, output features (multiple of 128)")
     parser.add_argument("--k", type=int, default=768, help="K, input features (multiple of 128)")
     parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--routing", choices=tuple(ROUTINGS), default="ragged")
+    parser.add_argument("--routing", choices=ROUTING_PRESETS, default="ragged")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="bf16", help="dtype of x and dy")
     parser.add_argument("--w-dtype", choices=tuple(DTYPES), default="fp32", help="dtype of w (master weights)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for flag in ("rows", "experts"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag}: expected >= 1, got {getattr(args, flag)}")
+    for flag in ("n", "k"):
+        value = getattr(args, flag)
+        if value < 1 or value % 128:
+            parser.error(f"--{flag}: expected a positive multiple of 128, got {value}")
+    if args.seed < 0:
+        parser.error(f"--seed: expected >= 0, got {args.seed}")
+    try:
+        routing_offsets(args.routing, args.rows, args.experts, seed=args.seed)
+    except ValueError as exc:
+        parser.error(f"--routing {args.routing}: {exc}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available here")
+    return args
 
 
 def main(argv: list[str] | None = None) -> Report:

@@ -1,7 +1,11 @@
 """fp8moe.testing (CPU, fast): the benchmark timer's CPU path, saved-for-backward bytes, the routing presets,
-the float64 recipe model."""
+the float64 recipe model; and the command-line errors of experiments/compare.py."""
 
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +23,7 @@ from fp8moe.testing import (
     time_call,
 )
 
+ROOT = Path(__file__).parent.parent
 on_cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path of the timer")
 
 
@@ -176,3 +181,39 @@ def test_float64_grouped_mm_groups_empty_groups_and_tail():
         assert 20 < snr < 40  # the FP8 quantization error
     np.testing.assert_array_equal(yq[:100], fq_rows(x[:100]) @ fq_blocks(w)[0].T)
     assert not yq[250:].any() and not dwq[1].any()
+
+
+# ---------------------------------------------------------------------------------------------- compare.py CLI
+
+
+def test_compare_rejects_a_bad_flag_in_one_line():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    script = ROOT / "experiments" / "compare.py"
+    argv = [sys.executable, str(script), "--n", "100"]
+    result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == "compare.py: error: --n: expected a positive multiple of 128, got 100"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--k", "0"], "--k: expected a positive multiple of 128, got 0"),
+        (["--rows", "0"], "--rows: expected >= 1, got 0"),
+        (["--experts", "-2"], "--experts: expected >= 1, got -2"),
+        (["--routing", "one_row", "--rows", "3", "--experts", "4"], "--routing one_row: rows: the one_row"),
+        (["--routing", "nope"], "argument --routing: invalid choice"),
+    ],
+)
+def test_compare_argument_errors(argv, message, capsys):
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        import compare
+    finally:
+        sys.path.remove(str(ROOT / "experiments"))
+    with pytest.raises(SystemExit) as exc:
+        compare.parse_args(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
