@@ -6,16 +6,22 @@
 - an independent float64/numpy model of the FP8 recipe (:func:`grouped_mm_fwd_bwd` and the fake
   quantizers ``fq_*``), sharing no code with :mod:`fp8moe.quant`;
 - the one benchmark timer, :func:`time_call` (CUDA events, host time, launches, GPU kernel time, peak
-  memory; also for JAX callables), and :func:`saved_tensor_bytes` (bytes saved for the backward).
+  memory; also for JAX callables), :func:`saved_tensor_bytes` (bytes saved for the backward) and
+  :func:`run_environment` (date, device, git commit, versions: a benchmark's header).
 """
 
 from __future__ import annotations
 
+import datetime
+import importlib
+import importlib.metadata
 import math
 import statistics
+import subprocess
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -504,3 +510,48 @@ def saved_tensor_bytes(fn: Callable[[], Any], inputs: Iterable[Tensor] = ()) -> 
     input_keys = {_storage_key(t)[0] for t in inputs}
     total = sum(storages.values())
     return SavedBytes(total, sum(n for key, n in storages.items() if key in input_keys)), out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Benchmark headers
+# ----------------------------------------------------------------------------------------------------
+
+# Distribution names to try for each package's version (the module's __version__ is the fallback).
+_DISTRIBUTIONS = {"deep_gemm": ("deepinfer-gemm", "deep_gemm", "deepgemm")}
+
+
+def package_version(module: str) -> str:
+    """Installed version of ``module`` (from its distribution's metadata, else its ``__version__``), or
+    ``"not available (...)"``."""
+    for dist in _DISTRIBUTIONS.get(module, (module,)):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    try:
+        return str(importlib.import_module(module).__version__)
+    except Exception as exc:  # noqa: BLE001  a broken optional package is reported, not raised
+        return f"not available ({type(exc).__name__})"
+
+
+def git_commit() -> str:
+    """Short hash of the checkout fp8moe is imported from, ``-dirty`` when tracked files changed."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], cwd=root, capture_output=True, text=True)
+    except OSError:
+        return "unknown (no git)"
+    if head.returncode:
+        return "unknown (not a git checkout)"
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def run_environment(packages: Iterable[str] = ("torch", "triton", "deep_gemm", "torchao")) -> dict[str, Any]:
+    """What a benchmark's header states: date, device (CUDA device name or "CPU"), git commit, versions."""
+    return {
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
+        "commit": git_commit(),
+        "versions": {name: package_version(name) for name in packages},
+    }

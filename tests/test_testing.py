@@ -60,6 +60,77 @@ def test_timer_waits_for_each_output_with_sync():
     assert t.cpu_ms < 3.0  # ... but not of the host time of issuing it
 
 
+class _FakeEvent:
+    """A CUDA event on the CPU: records perf_counter (the fake GPU runs synchronously)."""
+
+    def __init__(self, enable_timing=False):
+        self.t = None
+
+    def record(self):
+        self.t = time.perf_counter()
+
+    def elapsed_time(self, end):
+        return 1e3 * (end.t - self.t)
+
+
+def test_timer_cuda_path_with_a_fake_device(monkeypatch):
+    """The control flow of the CUDA path (events, host time, profiler aggregation, peak memory) on the CPU."""
+    from torch.autograd import DeviceType
+
+    allocated = {"now": 100 * 2**20, "peak": 0}
+    kernels = [("gemm", 0.5, "kernel"), ("quant", 0.25, "kernel"), ("Memset", 0.125, "gpu_memset")]
+
+    def fn():
+        time.sleep(0.002)
+        allocated["peak"] = max(allocated["peak"], allocated["now"] + 3 * 2**20)
+        return "out"
+
+    class FakeProfile:
+        def __init__(self, activities):
+            self.calls = 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def events(self):
+            events = []
+            for name, ms, kind in kernels * 2:  # two profiled calls
+                events.append(type("E", (), {"name": name, "device_type": DeviceType.CUDA, "activity_type": kind})())
+                events[-1].time_range = type("R", (), {"start": 10.0, "end": 10.0 + 1e3 * ms})()
+            annotation = type("E", (), {"name": "range", "device_type": DeviceType.CUDA})()
+            annotation.activity_type, annotation.time_range = "gpu_user_annotation", events[0].time_range
+            cpu = type("E", (), {"name": "aten::mm", "device_type": DeviceType.CPU, "activity_type": "cpu_op"})()
+            return [*events, annotation, cpu]
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: allocated["now"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: allocated["peak"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: allocated.update(peak=allocated["now"]))
+    monkeypatch.setattr(torch.profiler, "profile", FakeProfile)
+    t = time_call(fn, warmup=1, calls=4, cpu_calls=2, profile_calls=2)
+    assert t.method == "cuda-events" and 2.0 <= t.median_ms < 100 and 2.0 <= t.cpu_ms < 100
+    assert t.launches == pytest.approx(3) and t.gpu_kernel_ms == pytest.approx(0.875)
+    assert list(t.kernels) == ["gemm", "quant", "Memset"] and t.kernels["gemm"] == [1, 0.5]
+    assert t.peak_mib == pytest.approx(3.0) and t.note == ""
+    synced = []
+    t = time_call(fn, sync=synced.append, warmup=0, calls=2, cpu_calls=1, profile_calls=2)
+    assert t.method == "wall+sync" and t.peak_mib is None and t.launches == pytest.approx(3)
+    assert synced == ["out"] * 5  # 2 timed, 1 host-time, 2 profiled calls
+
+    def broken_profile(activities):
+        raise RuntimeError("CUPTI unavailable")
+
+    monkeypatch.setattr(torch.profiler, "profile", broken_profile)
+    t = time_call(fn, warmup=0, calls=1, cpu_calls=0)
+    assert t.launches is None and t.note == "profiler failed: RuntimeError: CUPTI unavailable"
+    assert t.peak_mib == pytest.approx(3.0)
+
+
 def test_timer_rejects_no_calls_and_propagates_errors():
     with pytest.raises(ValueError, match="calls"):
         time_call(lambda: None, calls=0)
