@@ -1,258 +1,556 @@
 """End-to-end benchmark of one MoE expert GEMM (forward, and forward + backward) against the peers.
 
-In one run, on one GPU: every available fp8moe backend, bf16 ``torch._grouped_mm``, DeepGEMM's raw
-kernels on pre-quantized operands (the GEMM-only floor), and torchao 0.18's blockwise FP8 grouped GEMM
-with its DeepGEMM and emulated backends. Reports median ms (triton.testing.do_bench, L2 flushed), ratios,
-TFLOP/s and the peak memory of one forward + backward.
+One GPU run produces the whole table: for each routing (default "balanced" and "skewed": one expert takes
+~40% of the tokens, two get none; group sizes rounded to multiples of 16 for torchao's row-wise kernel),
+every case below, each timed by the one timer of the benchmarks, :func:`fp8moe.testing.time_call`:
 
-    python experiments/bench_grouped_mm.py [--experts 8 --rows 32768 --n 2048 --k 7168] [--out DIR]
+- bf16 ``torch._grouped_mm`` (the baseline of the "vs bf16" ratios);
+- torchao 0.18 row-wise FP8 (``_to_fp8_rowwise_then_scaled_grouped_mm``, ``torch._scaled_grouped_mm``;
+  the baseline of the "vs torchao" ratios) and torchao 0.18 blockwise FP8 on DeepGEMM;
+- fp8moe on the "deepgemm" and "triton" backends, each with a fresh weight quantization every call
+  (``cache_weight=False``), with the quantized weight cached (``cache_weight=True``, the weight is not
+  changed between calls) and cached + fp32 gradient accumulation (``main_grad``: an fp32 (E, N, K) buffer
+  the weight gradient is added into); plus "deepgemm" with the Triton wgrad (``wgrad="triton"``);
+- DeepGEMM's three raw kernels on operands quantized beforehand (the GEMM-only floor);
+- ceilings measured in the same run: device-to-device copy (GB/s, read + write), dense FP8
+  ``torch._scaled_mm`` and bf16 matmul (TFLOP/s).
+
+x (M, K) and w (E, N, K) are bf16 and both require grad. "fwd" is the training forward (grad mode on, so
+it includes what the forward prepares for the backward; the graph is dropped); "fwd+bwd" is
+``y = f(x, w); y.backward(dy)`` with a fixed bf16 ``dy``, then ``x.grad = w.grad = None`` (grads are freed
+inside the call, so every call allocates them anew). Per case: median ms of one call (CUDA events, no L2
+flush), TFLOP/s (2 * routed rows * N * K per GEMM: one in fwd, three in fwd+bwd), speed-ups vs bf16 and
+vs torchao row-wise (their ms / this ms), host (CPU) ms to issue one call, GPU operations launched per
+call, GPU kernel ms per call (sum of kernel durations in a profiler trace), peak MiB of one call above
+what was allocated before it, and MB saved for the backward (distinct storages; in brackets what is
+saved beyond x and w themselves). The exact meaning of each number: ``fp8moe.testing.Timing``. A case
+that cannot run here (missing peer, backend, API) is a row with a note, never a crash; cases still to
+run when ``--budget-s`` is spent are skipped with a note (the run stays under ~4 minutes on an H200,
+DeepGEMM's JIT of each new shape included).
+
+Writes ``bench_grouped_mm.md`` and ``.json`` to ``--out`` (default ``experiments/results``; rewritten after
+every routing, so a run cut short keeps what finished) and prints the markdown.
+
+    python experiments/bench_grouped_mm.py [--experts 8 --rows 32768 --n 2048 --k 7168]
+        [--routings balanced,skewed] [--calls 30] [--budget-s 220] [--out DIR]
+
+Without a CUDA device: a tiny smoke run (E=4, M=256, N=128, K=128) through the reference backend that
+checks the script end to end (timings mean nothing) and writes files only when ``--out`` is given.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime
+import inspect
 import json
 import math
-import os
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 import fp8moe
-from fp8moe.testing import random_offsets
+from fp8moe.testing import ROUTING_PRESETS, Timing, routing_offsets, run_environment, saved_tensor_bytes, time_call
+
+SEED_SHAPE = dict(experts=8, rows=32768, n=2048, k=7168)
+SMOKE_SHAPE = dict(experts=4, rows=256, n=128, k=128)
+BF16 = "bf16 torch._grouped_mm"
+TORCHAO_ROWWISE = "torchao row-wise FP8 (_scaled_grouped_mm)"
+REPO = Path(__file__).resolve().parent.parent
 
 
 @dataclass
 class Row:
     case: str
-    fwd_ms: float | None = None
-    fwd_bwd_ms: float | None = None
-    peak_mib: float | None = None
+    fwd: Timing | None = None
+    fwd_bwd: Timing | None = None
+    saved_bytes: int | None = None
+    saved_beyond_inputs: int | None = None
     note: str = ""
 
 
-def median_ms(fn: Callable[[], object]) -> float:
-    import triton.testing
+@dataclass
+class Rate:
+    """A ceiling or a raw kernel: its time and its rate (TFLOP/s or GB/s)."""
 
-    return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
-
-
-def peak_mib(fn: Callable[[], object]) -> float:
-    """Peak memory allocated during one call, above what was allocated before it, in MiB."""
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+    name: str
+    timing: Timing | None = None
+    rate: float | None = None
+    unit: str = ""
+    note: str = ""
 
 
-def make_offsets(routing: str, rows: int, experts: int, device: str) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(0)
-    if routing == "balanced":
-        return torch.arange(1, experts + 1, dtype=torch.int32, device=device) * (rows // experts)
-    if routing == "skewed":  # one expert takes 40% of the tokens, two get none
-        return random_offsets(rows, experts, generator=gen, empty_groups=2, skew=0.4, device=device)
-    return random_offsets(rows, experts, generator=gen, device=device)
+@dataclass
+class Settings:
+    """The timer's call counts, and the time budget of the run (cases still to run after it are skipped)."""
+
+    calls: int
+    warmup: int
+    cpu_calls: int
+    profile_calls: int
+    budget_s: float
+    start: float = field(default_factory=time.monotonic, repr=False)
+
+    def timer(self, **kwargs) -> dict:
+        counts = dict(warmup=self.warmup, calls=self.calls, cpu_calls=self.cpu_calls, profile_calls=self.profile_calls)
+        return counts | kwargs
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def over_budget(self) -> bool:
+        return self.elapsed() > self.budget_s
 
 
-@contextlib.contextmanager
-def environment(env: dict[str, str]) -> Iterator[None]:
-    """Set ``env`` in os.environ for the duration of the block."""
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                del os.environ[key]
-            else:
-                os.environ[key] = value
+def failure(exc: BaseException) -> str:
+    return f"failed: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
 
 
-# Cases that are an fp8moe backend run under an environment setting (forward and backward).
-CASE_ENV = {"fp8moe deepgemm (Triton wgrad)": {"FP8MOE_DEEPGEMM_WGRAD": "triton"}}
+# ---------------------------------------------------------------------------------------------- cases
+
+# A differentiable case: f(x, w) -> y, or a note saying why it cannot run here.
+CaseFn = Callable[[Tensor, Tensor], Tensor]
 
 
-def differentiable_cases(offsets: torch.Tensor) -> dict[str, Callable]:
-    """name -> f(x, w) -> y for every differentiable implementation available here."""
-    cases: dict[str, Callable] = {
-        "bf16 torch._grouped_mm": lambda x, w: torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets),
-    }
-    info = fp8moe.backend_info("cuda")
-    for name, reason in info["backends"].items():
-        if reason is None and name != "reference":
-            cases[f"fp8moe {name}"] = lambda x, w, name=name: fp8moe.grouped_mm(x, w, offsets, backend=name)
-    if info["backends"].get("deepgemm") is None:
-        cases["fp8moe deepgemm (Triton wgrad)"] = cases["fp8moe deepgemm"]
-    try:
-        from torchao.prototype.moe_training.blockwise_fp8.grouped_mm import (
-            _to_fp8_blockwise_then_scaled_grouped_mm as torchao_mm,
-        )
-        from torchao.quantization.quantize_.common import KernelPreference
-    except ImportError as exc:
-        print(f"torchao not available: {exc}")
-    else:
-        for label, pref in (("deepgemm", KernelPreference.AUTO), ("emulated", KernelPreference.EMULATED)):
-            cases[f"torchao 0.18 blockwise ({label})"] = lambda x, w, pref=pref: torchao_mm(
-                x, w.transpose(-2, -1), offs=offsets, kernel_preference=pref
-            )
+def missing_grouped_mm_options(*names: str) -> str | None:
+    params = inspect.signature(fp8moe.grouped_mm).parameters
+    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    missing = [name for name in names if name not in params]
+    return f"fp8moe.grouped_mm has no {', '.join(missing)} option yet" if missing else None
+
+
+def fp8moe_cases(offsets: Tensor, w: Tensor, device: str) -> dict[str, CaseFn | str]:
+    """fp8moe rows: per backend fresh / cached / cached + main_grad weight, and DeepGEMM with Triton wgrad."""
+    info = fp8moe.backend_info(device)["backends"]
+    backends = ("deepgemm", "triton") if device == "cuda" else ("reference",)
+    cases: dict[str, CaseFn | str] = {}
+    for backend in backends:
+        reason = info.get(backend, "unknown backend")
+        variants: dict[str, tuple[dict, tuple[str, ...]]] = {
+            "fresh w": ({"cache_weight": False}, ("cache_weight",)),
+            "cached w": ({"cache_weight": True}, ("cache_weight",)),
+            "cached w + fp32 main_grad": ({"cache_weight": True, "main_grad": True}, ("cache_weight", "main_grad")),
+        }
+        if backend == "deepgemm":
+            variants["cached w, wgrad=triton"] = ({"cache_weight": True, "wgrad": "triton"}, ("cache_weight", "wgrad"))
+        if not reason and missing_grouped_mm_options("cache_weight"):  # before the caching API: the plain call
+            cases[f"fp8moe {backend}, default options"] = fp8moe_call(offsets, backend)
+        for label, (options, needs) in variants.items():
+            name = f"fp8moe {backend}, {label}"
+            cases[name] = reason or missing_grouped_mm_options(*needs) or fp8moe_call(offsets, backend, **options)
     return cases
 
 
-def time_case(fn: Callable, x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor) -> Row:
-    xg, wg = x.detach().requires_grad_(), w.detach().requires_grad_()
+def fp8moe_call(offsets: Tensor, backend: str, *, main_grad: bool = False, **options) -> CaseFn:
+    """f(x, w) = fp8moe.grouped_mm(x, w, offsets, backend=backend, **options); with ``main_grad``, an fp32
+    buffer shaped like w (allocated at the first call, freed with the function) takes the weight gradient."""
+    buffer: list[Tensor] = []
 
-    def fwd():
-        with torch.no_grad():
-            return fn(x, w)
+    def call(x: Tensor, w: Tensor) -> Tensor:
+        if main_grad and not buffer:
+            buffer.append(torch.zeros(w.shape, dtype=torch.float32, device=w.device))
+        extra = {"main_grad": buffer[0]} if main_grad else {}
+        return fp8moe.grouped_mm(x, w, offsets, backend=backend, **options, **extra)
 
-    def fwd_bwd():
-        y = fn(xg, wg)
-        return torch.autograd.grad(y, (xg, wg), dy)
-
-    return Row(case="", fwd_ms=median_ms(fwd), fwd_bwd_ms=median_ms(fwd_bwd), peak_mib=peak_mib(fwd_bwd))
+    return call
 
 
-def raw_deepgemm_rows(x, w, dy, offsets) -> list[tuple[str, float, float]]:
-    """(name, ms, TFLOP/s) of DeepGEMM's three kernels and the Triton backend's alone, on the same operands
-    quantized by fp8moe's kernels (the Triton ones write unpadded rows, DeepGEMM's the padded layout)."""
+def torchao_cases(offsets: Tensor, device: str) -> dict[str, CaseFn | str]:
+    cases: dict[str, CaseFn | str] = {}
+    blockwise = "torchao blockwise FP8 (DeepGEMM)"
+    try:
+        from torchao.prototype.moe_training.fp8_grouped_mm import _to_fp8_rowwise_then_scaled_grouped_mm as rowwise
+    except Exception as exc:  # noqa: BLE001  any import failure of the peer is a note
+        cases[TORCHAO_ROWWISE] = f"torchao not available: {failure(exc)}"
+    else:
+        cases[TORCHAO_ROWWISE] = lambda x, w: rowwise(
+            x, w.transpose(-2, -1), offsets, pad_token_groups_for_grouped_mm=False
+        )
+    try:
+        from torchao.prototype.moe_training.blockwise_fp8.grouped_mm import (
+            _to_fp8_blockwise_then_scaled_grouped_mm as blockwise_mm,
+        )
+        from torchao.quantization.quantize_.common import KernelPreference
+    except Exception as exc:  # noqa: BLE001
+        cases[blockwise] = f"torchao not available: {failure(exc)}"
+    else:
+        cases[blockwise] = lambda x, w: blockwise_mm(
+            x, w.transpose(-2, -1), offs=offsets, kernel_preference=KernelPreference.AUTO
+        )
+    if device != "cuda":
+        cases = {name: case if isinstance(case, str) else "needs a CUDA device" for name, case in cases.items()}
+    return cases
+
+
+def differentiable_cases(offsets: Tensor, w: Tensor, device: str) -> dict[str, CaseFn | str]:
+    cases: dict[str, CaseFn | str] = {
+        BF16: lambda x, w: torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets),
+    }
+    cases.update(torchao_cases(offsets, device))
+    cases.update(fp8moe_cases(offsets, w, device))
+    return cases
+
+
+def measure(fn: CaseFn, x: Tensor, w: Tensor, dy: Tensor, settings: Settings) -> Row:
+    def fwd() -> Tensor:
+        return fn(x, w)
+
+    def fwd_bwd() -> None:
+        fn(x, w).backward(dy)
+        x.grad = None
+        w.grad = None
+
+    row = Row(case="", fwd=time_call(fwd, **settings.timer()), fwd_bwd=time_call(fwd_bwd, **settings.timer()))
+    saved, y = saved_tensor_bytes(fwd, inputs=(x, w))
+    del y
+    row.saved_bytes, row.saved_beyond_inputs = saved.total, saved.beyond_inputs
+    return row
+
+
+def clear_weight_cache() -> None:
+    clear = getattr(fp8moe, "clear_weight_cache", None)
+    if clear is not None:
+        clear()
+
+
+# Cases run in this order (the rest after them), so that a spent time budget skips the least needed ones;
+# rows are reported in the order of differentiable_cases.
+RUN_FIRST = (BF16, TORCHAO_ROWWISE, "cached w", "fresh w", "default options")
+
+
+def run_order(names: list[str]) -> list[str]:
+    def rank(name: str) -> int:
+        return next((i for i, key in enumerate(RUN_FIRST) if name == key or name.endswith(key)), len(RUN_FIRST))
+
+    return sorted(names, key=rank)
+
+
+def run_cases(offsets: Tensor, x: Tensor, w: Tensor, dy: Tensor, device: str, settings: Settings) -> list[Row]:
+    rows = []
+    cases = differentiable_cases(offsets, w, device)
+    display = list(cases)
+    for name in run_order(display):
+        fn = cases.pop(name)  # dropped after its row: frees what it holds (a main_grad buffer)
+        if isinstance(fn, str):
+            rows.append(Row(name, note=fn))
+        elif settings.over_budget():
+            rows.append(Row(name, note="skipped: --budget-s time budget spent"))
+        else:
+            clear_weight_cache()
+            try:
+                rows.append(measure(fn, x, w, dy, settings))
+                rows[-1].case = name
+            except Exception as exc:  # noqa: BLE001  a case that fails is a row with a note
+                rows.append(Row(name, note=failure(exc)))
+            finally:
+                x.grad = w.grad = None
+                del fn
+                clear_weight_cache()
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+        print(f"[{settings.elapsed():6.1f} s] {rows[-1].case}: {rows[-1].note or 'done'}", file=sys.stderr)
+    return sorted(rows, key=lambda row: display.index(row.case))
+
+
+# ---------------------------------------------------------------------------------------------- floors and ceilings
+
+
+def raw_deepgemm(x: Tensor, w: Tensor, dy: Tensor, offsets: Tensor, settings: Settings) -> list[Rate]:
+    """DeepGEMM's forward, dgrad and wgrad kernels alone, on operands quantized beforehand (by fp8moe's public
+    reference quantizers, laid out as DeepGEMM wants them: 128-row padded groups, MN-major scales)."""
+    names = ("DeepGEMM m-grouped NT (forward)", "DeepGEMM m-grouped NT (dgrad)", "DeepGEMM k-grouped NT (wgrad, fp32)")
+    reason = fp8moe.backend_info(x.device)["backends"].get("deepgemm")
+    if reason:
+        return [Rate(name, note=reason) for name in names]
+    if settings.over_budget():
+        return [Rate(name, note="skipped: --budget-s time budget spent") for name in names]
     import deep_gemm
 
-    from fp8moe.backends import deepgemm
-    from fp8moe.backends.triton.kernels import k_grouped_gemm, m_grouped_gemm
-    from fp8moe.layout import plan_groups
-    from fp8moe.quant import triton as tq
+    e, n, k = w.shape
+    dev = x.device
+    ends = offsets.tolist()
+    sizes = [hi - lo for lo, hi in zip([0] + ends[:-1], ends)]
+    padded = [-(-s // 128) * 128 for s in sizes]
+    starts = [sum(padded[:g]) for g in range(e)]
+    mp, routed = sum(padded), ends[-1]
+    dst = torch.cat([torch.arange(p, p + s) for p, s in zip(starts, sizes)]).to(dev)
+    row_expert = torch.full((mp,), -1, dtype=torch.int32)
+    for g, (p, s) in enumerate(zip(starts, sizes)):
+        row_expert[p : p + s] = g
+    row_expert = row_expert.to(dev)
 
-    layout = plan_groups(offsets, x.shape[0])
-    wq, sw, wq_t, sw_t = tq.quantize_weight(w, True)
-    xq, sx = tq.quantize_rows_padded(x, layout)
-    dyq, sdy, dyt, sdyt = tq.quantize_grad_output(dy, layout)
-    xt, sxt = tq.quantize_token_tiles(x, layout)
-    mp, (n, k) = layout.num_padded_rows, w.shape[1:]
-    ks = layout.padded_sizes.tolist()
-    routed = int(offsets[-1])
-    flops = 2 * routed * n * k
-    y_pad = torch.empty(mp, n, dtype=torch.bfloat16, device=x.device)
-    dx_pad = torch.empty(mp, k, dtype=torch.bfloat16, device=x.device)
+    def pad_rows(t: Tensor) -> Tensor:  # (M, C) -> (Mp, C), each group at its 128-aligned start, zeros between
+        view = t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+        out = torch.zeros(mp, t.shape[1], dtype=view.dtype, device=dev).index_copy_(0, dst, view[:routed])
+        return out.view(t.dtype)
+
+    def rows_operand(t: Tensor) -> tuple[Tensor, Tensor]:  # 1x128 tiles, padded, scales (C/128, Mp) MN-major
+        q, s = fp8moe.quantize_rowwise(t)
+        return pad_rows(q), pad_rows(s).T.contiguous().T
+
+    def token_tiles_operand(t: Tensor) -> tuple[Tensor, Tensor]:  # 128x1 tiles per group, K-major flat
+        q, s = fp8moe.quantize_colwise(pad_rows(t))  # q (Mp, C), s (Mp/128, C)
+        q8 = q.view(torch.uint8)
+        flat = torch.cat([q8[p : p + kg].T.contiguous().flatten() for p, kg in zip(starts, padded)])
+        return flat.view(torch.float8_e4m3fn), s.T
+
+    wq, sw = fp8moe.quantize_blockwise(w)
+    wq_t = wq.view(torch.uint8).transpose(1, 2).contiguous().view(torch.float8_e4m3fn)
+    sw_t = sw.transpose(1, 2).contiguous()
+    xq, sx = rows_operand(x)
+    dyq, sdy = rows_operand(dy)
+    dyt, sdyt = token_tiles_operand(dy)
+    xt, sxt = token_tiles_operand(x)
+    y_pad = torch.empty(mp, n, dtype=torch.bfloat16, device=dev)
+    dx_pad = torch.empty(mp, k, dtype=torch.bfloat16, device=dev)
+    dw = torch.zeros(e, n, k, dtype=torch.float32, device=dev)
+    ks, ks_tensor = padded, torch.tensor(padded, dtype=torch.int32, device=dev)
     recipe = dict(recipe_a=(1, 128), recipe_b=(128, 128), disable_ue8m0_cast=True)
     kernels = {
-        "DeepGEMM m-grouped NT (forward)": lambda: deep_gemm.m_grouped_fp8_gemm_nt_contiguous(
-            (xq, sx.T), (wq, sw), y_pad, layout.row_expert, **recipe
+        names[0]: lambda: deep_gemm.m_grouped_fp8_gemm_nt_contiguous((xq, sx), (wq, sw), y_pad, row_expert, **recipe),
+        names[1]: lambda: deep_gemm.m_grouped_fp8_gemm_nt_contiguous(
+            (dyq, sdy), (wq_t, sw_t), dx_pad, row_expert, **recipe
         ),
-        "DeepGEMM m-grouped NT (dgrad, wq_t)": lambda: deep_gemm.m_grouped_fp8_gemm_nt_contiguous(
-            (dyq, sdy.T), (wq_t, sw_t), dx_pad, layout.row_expert, **recipe
-        ),
-        "DeepGEMM k-grouped NT (wgrad, fp32 out)": lambda: deepgemm.k_grouped_gemm(
-            dyt, sdyt, xt, sxt, ks, layout, torch.float32, None
-        ),
-        "DeepGEMM k-grouped NT (wgrad, + cast to bf16)": lambda: deepgemm.k_grouped_gemm(
-            dyt, sdyt, xt, sxt, ks, layout, torch.bfloat16, None
-        ),
-        "Triton m-grouped (forward)": lambda: m_grouped_gemm(xq, sx, wq, sw, layout, torch.bfloat16),
-        "Triton m-grouped (dgrad)": lambda: m_grouped_gemm(dyq, sdy, wq_t, sw_t, layout, torch.bfloat16),
-        "Triton k-grouped (wgrad, bf16 out)": lambda: k_grouped_gemm(dyt, sdyt, xt, sxt, layout, torch.bfloat16),
+        names[2]: lambda: deep_gemm.k_grouped_fp8_gemm_nt_contiguous((dyt, sdyt), (xt, sxt), dw, ks, ks_tensor, c=dw),
     }
-    times = {name: median_ms(fn) for name, fn in kernels.items()}
-    return [(name, t, flops / t / 1e9) for name, t in times.items()]
+    flops = 2 * routed * n * k
+    out = []
+    for name, fn in kernels.items():
+        try:
+            t = time_call(fn, **settings.timer(memory=False))
+            out.append(Rate(name, t, flops / t.median_ms / 1e9, "TFLOP/s"))
+        except Exception as exc:  # noqa: BLE001
+            out.append(Rate(name, note=failure(exc)))
+    return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--rows", type=int, default=32768)
-    parser.add_argument("--n", type=int, default=2048)
-    parser.add_argument("--k", type=int, default=7168)
-    parser.add_argument("--routings", default="balanced,skewed")
-    parser.add_argument("--out", type=Path, default=Path("experiments/results"))
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_grouped_mm needs a CUDA device")
-
-    torch.manual_seed(0)
+def ceilings(m: int, n: int, k: int, settings: Settings) -> list[Rate]:
+    """Copy bandwidth, dense FP8 and bf16 GEMM throughput at (M, N, K) = (rows, N, K), in this run."""
+    out = []
     dev = "cuda"
-    e, m, n, k = args.experts, args.rows, args.n, args.k
-    x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-    w = (torch.randn(e, n, k, device=dev) / math.sqrt(k)).to(torch.bfloat16)
-    dy = torch.randn(m, n, device=dev, dtype=torch.bfloat16)
-    device_name = torch.cuda.get_device_name()
-    report = {
-        "date": datetime.date.today().isoformat(),
-        "device": device_name,
-        "torch": torch.__version__,
-        "shape": dict(experts=e, rows=m, n=n, k=k),
-        "backend_info": fp8moe.backend_info("cuda"),
-        "routings": {},
-    }
-    lines = [
-        f"# grouped GEMM fwd / fwd+bwd, {device_name}, {report['date']}",
-        f"E={e}, M={m}, N={n}, K={k}, x/w/dy bf16, torch {torch.__version__}; median ms (do_bench, L2 flushed);"
-        " peak = max memory allocated during one fwd+bwd above the inputs.",
-    ]
-    for routing in args.routings.split(","):
-        offsets = make_offsets(routing, m, e, dev)
-        rows = []
-        for name, fn in differentiable_cases(offsets).items():
-            try:
-                with environment(CASE_ENV.get(name, {})):
-                    row = time_case(fn, x, w, dy)
-            except Exception as exc:  # report a peer that fails instead of losing the whole table
-                row = Row(case=name, note=f"failed: {type(exc).__name__}: {str(exc)[:120]}")
-            row.case = name
-            rows.append(row)
-            print(row, flush=True)
-        raw = []
-        if fp8moe.backend_info("cuda")["backends"]["deepgemm"] is None:
-            raw = raw_deepgemm_rows(x, w, dy, offsets)
-        report["routings"][routing] = {
-            "offsets": offsets.tolist(),
-            "rows": [asdict(r) for r in rows],
-            "raw_gemms": [dict(kernel=a, ms=b, tflops=c) for a, b, c in raw],
-        }
-        lines += table(routing, rows, raw, 2 * int(offsets[-1]) * n * k)
-    text = "\n".join(lines)
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_grouped_mm.md").write_text(text + "\n")
-    (args.out / "bench_grouped_mm.json").write_text(json.dumps(report, indent=1))
+
+    def attempt(name: str, unit: str, per_ms: float, fn: Callable[[], object]) -> None:
+        """``per_ms``: the work of one call in ``unit`` x milliseconds (rate = per_ms / ms)."""
+        try:
+            t = time_call(fn, **settings.timer(memory=False, profile=False, cpu_calls=0))
+            out.append(Rate(name, t, per_ms / t.median_ms, unit))
+        except Exception as exc:  # noqa: BLE001
+            out.append(Rate(name, note=failure(exc)))
+
+    def copy() -> Callable[[], object]:
+        src = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+        dst = torch.empty_like(src)
+        return lambda: dst.copy_(src)
+
+    attempt("device-to-device copy, 1 GiB (read + write)", "GB/s", 2 * (1 << 30) / 1e6, copy())
+    a = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
+    one = torch.ones((), device=dev)
+    a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn)
+    attempt(
+        f"dense FP8 torch._scaled_mm ({m}x{k} @ {k}x{n}, per-tensor scales, fast accumulation)",
+        "TFLOP/s",
+        2 * m * n * k / 1e9,
+        lambda: torch._scaled_mm(a8, b8.T, one, one, out_dtype=torch.bfloat16, use_fast_accum=True),
+    )
+    attempt(f"bf16 matmul ({m}x{k} @ {k}x{n})", "TFLOP/s", 2 * m * n * k / 1e9, lambda: a @ b.T)
+    return out
 
 
-def table(routing: str, rows: list[Row], raw: list, flops: float) -> list[str]:
-    by_name = {r.case: r for r in rows}
-    bf16 = by_name.get("bf16 torch._grouped_mm")
-    peer = by_name.get("torchao 0.18 blockwise (deepgemm)")
+# ---------------------------------------------------------------------------------------------- report
 
-    def ratio(ref: Row | None, row: Row, attr: str) -> str:
-        a, b = (getattr(ref, attr, None) if ref else None), getattr(row, attr)
-        return f"{a / b:.2f}x" if a and b else "-"
 
-    def ms(v):
-        return f"{v:.3f}" if v is not None else "-"
+def fmt(v: float | None, digits: int = 3) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def pair(a: float | None, b: float | None, digits: int = 3) -> str:
+    return f"{fmt(a, digits)} / {fmt(b, digits)}"
+
+
+def routing_table(rows: list[Row], flops: float) -> list[str]:
+    by_case = {r.case: r for r in rows}
+
+    def ms(row: Row | None, which: str) -> float | None:
+        t = getattr(row, which) if row else None
+        return t.median_ms if t else None
+
+    def speedup(ref: Row | None, row: Row, which: str) -> float | None:
+        a, b = ms(ref, which), ms(row, which)
+        return a / b if a and b else None
+
+    def tflops(row: Row, which: str, gemms: int) -> float | None:
+        t = ms(row, which)
+        return gemms * flops / t / 1e9 if t else None
+
+    def attr(row: Row, name: str) -> tuple[float | None, float | None]:
+        return tuple(getattr(t, name) if t else None for t in (row.fwd, row.fwd_bwd))
 
     out = [
-        "",
-        f"## routing: {routing}",
-        "",
-        "| case | fwd ms | fwd+bwd ms | fwd speedup vs bf16 | fwd+bwd speedup vs bf16 "
-        "| fwd+bwd speedup vs torchao (DeepGEMM) | fwd TFLOP/s | peak MiB | note |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| case | fwd ms | fwd+bwd ms | TFLOP/s fwd / fwd+bwd | speed-up vs bf16 fwd / fwd+bwd "
+        "| speed-up vs torchao row-wise fwd / fwd+bwd | CPU ms per call fwd / fwd+bwd | launches fwd / fwd+bwd "
+        "| GPU kernel ms fwd / fwd+bwd | peak MiB fwd / fwd+bwd | saved for bwd MB (beyond x, w) | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    bf16, rowwise = by_case.get(BF16), by_case.get(TORCHAO_ROWWISE)
     for r in rows:
-        tflops = f"{flops / r.fwd_ms / 1e9:.0f}" if r.fwd_ms else "-"
-        peak = f"{r.peak_mib:.0f}" if r.peak_mib is not None else "-"
+        saved = "-" if r.saved_bytes is None else f"{r.saved_bytes / 1e6:.1f} (+{r.saved_beyond_inputs / 1e6:.1f})"
+        notes = [r.note] + [t.note for t in (r.fwd, r.fwd_bwd) if t and t.note]
         out.append(
-            f"| {r.case} | {ms(r.fwd_ms)} | {ms(r.fwd_bwd_ms)} | {ratio(bf16, r, 'fwd_ms')} | "
-            f"{ratio(bf16, r, 'fwd_bwd_ms')} | {ratio(peer, r, 'fwd_bwd_ms')} | {tflops} | {peak} | {r.note} |"
+            f"| {r.case} | {fmt(ms(r, 'fwd'))} | {fmt(ms(r, 'fwd_bwd'))} "
+            f"| {pair(tflops(r, 'fwd', 1), tflops(r, 'fwd_bwd', 3), 0)} "
+            f"| {pair(speedup(bf16, r, 'fwd'), speedup(bf16, r, 'fwd_bwd'), 2)} "
+            f"| {pair(speedup(rowwise, r, 'fwd'), speedup(rowwise, r, 'fwd_bwd'), 2)} "
+            f"| {pair(*attr(r, 'cpu_ms'))} | {pair(*attr(r, 'launches'), 0)} | {pair(*attr(r, 'gpu_kernel_ms'))} "
+            f"| {pair(*attr(r, 'peak_mib'), 0)} | {saved} | {'; '.join(n for n in notes if n)} |"
         )
-    if raw:
-        out += ["", "| raw kernel (pre-quantized operands) | ms | TFLOP/s |", "|---|---|---|"]
-        out += [f"| {name} | {t:.3f} | {tf:.0f} |" for name, t, tf in raw]
     return out
+
+
+def rate_table(title: str, rates: list[Rate]) -> list[str]:
+    out = [f"| {title} | ms | rate | launches per call | note |", "|---|---|---|---|---|"]
+    for r in rates:
+        rate = f"{r.rate:.0f} {r.unit}" if r.rate is not None else "-"
+        t = r.timing
+        cells = f"{fmt(t.median_ms if t else None)} | {rate} | {fmt(t.launches if t else None, 0)}"
+        out.append(f"| {r.name} | {cells} | {'; '.join(n for n in (r.note, t.note if t else '') if n)} |")
+    return out
+
+
+def render(report: dict) -> str:
+    s, v, timer = report["shape"], report["versions"], report["timer"]
+    lines = [
+        f"# fp8moe grouped GEMM: fwd and fwd+bwd against bf16 and torchao ({report['device']}, {report['date']})",
+        "",
+        f"Versions: torch {v['torch']}, triton {v['triton']}, DeepGEMM {v['deep_gemm']}, torchao {v['torchao']}; "
+        f"git commit {report['commit']}.",
+        "",
+        f"E={s['experts']}, M={s['rows']}, N={s['n']}, K={s['k']}; x (M, K) and w (E, N, K) bf16, both requiring "
+        "grad; group sizes rounded to multiples of 16 (torchao row-wise needs them). fwd: the training forward; "
+        "fwd+bwd: `y = f(x, w); y.backward(dy)` with a fixed bf16 dy, grads freed in every call. Median ms of one "
+        f"call over {timer['calls']} calls (CUDA events, calls back to back, no L2 flush; wall time without a GPU); "
+        "CPU ms: host time to issue one call from an idle GPU; launches (kernels, memsets, copies) and GPU kernel "
+        f"ms per call from one profiler trace of {timer['profile_calls']} calls; peak: max memory allocated during "
+        "one call above what was allocated before it; saved: distinct storages autograd saves in the forward (in "
+        "brackets: beyond x and w). TFLOP/s counts 2*routed*N*K per GEMM (1 GEMM fwd, 3 fwd+bwd); a speed-up is "
+        "the reference's ms over this row's. Definitions: `fp8moe.testing.Timing`.",
+    ]
+    if report["ceilings"]:
+        lines += ["", "## Ceilings (same run)", "", *rate_table("ceiling", report["ceilings"])]
+    for routing, result in report["routings"].items():
+        lines += [
+            "",
+            f"## Routing: {routing} (group sizes {result['group_sizes']}, {result['routed_rows']} routed rows)",
+            "",
+            *routing_table(result["rows"], result["flops_per_gemm"]),
+        ]
+        if result["raw"]:
+            lines += ["", *rate_table("raw GEMM on pre-quantized operands", result["raw"])]
+    return "\n".join(lines)
+
+
+def write(report: dict, out: Path | None) -> str:
+    """The markdown of ``report`` (Row, Rate and Timing objects inside), written with the JSON to ``out``."""
+    text = render(report)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench_grouped_mm.md").write_text(text + "\n")
+        as_json = json.dumps(report, indent=1, default=lambda o: asdict(o) if is_dataclass(o) else str(o))
+        (out / "bench_grouped_mm.json").write_text(as_json)
+    return text
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experts", type=int, default=SEED_SHAPE["experts"])
+    parser.add_argument("--rows", type=int, default=SEED_SHAPE["rows"])
+    parser.add_argument("--n", type=int, default=SEED_SHAPE["n"])
+    parser.add_argument("--k", type=int, default=SEED_SHAPE["k"])
+    parser.add_argument(
+        "--routings", default="balanced,skewed", help=f"comma-separated, of {', '.join(ROUTING_PRESETS)}"
+    )
+    parser.add_argument("--calls", type=int, default=30, help="timed calls per measurement (median)")
+    parser.add_argument("--budget-s", type=float, default=220.0, help="skip the cases still to run after this")
+    parser.add_argument("--out", type=Path, default=None, help="default: experiments/results (GPU); none on CPU")
+    args = parser.parse_args(argv)
+    for flag in ("experts", "rows", "calls"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag}: expected >= 1, got {getattr(args, flag)}")
+    for flag in ("n", "k"):
+        if getattr(args, flag) < 1 or getattr(args, flag) % 128:
+            parser.error(f"--{flag}: expected a positive multiple of 128, got {getattr(args, flag)}")
+    args.routings = args.routings.split(",")
+    for routing in args.routings:
+        if routing not in ROUTING_PRESETS:
+            parser.error(f"--routings: {routing!r} is not one of {', '.join(ROUTING_PRESETS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        device, out = "cuda", args.out or REPO / "experiments" / "results"
+        settings = Settings(calls=args.calls, warmup=3, cpu_calls=10, profile_calls=3, budget_s=args.budget_s)
+    else:
+        print(
+            "no CUDA device: smoke run of a tiny shape on the reference backend (timings mean nothing)", file=sys.stderr
+        )
+        vars(args).update(SMOKE_SHAPE)
+        device, out = "cpu", args.out
+        settings = Settings(calls=3, warmup=1, cpu_calls=2, profile_calls=0, budget_s=args.budget_s)
+    e, m, n, k = args.experts, args.rows, args.n, args.k
+    torch.manual_seed(0)
+    x = torch.randn(m, k, device=device, dtype=torch.bfloat16).requires_grad_()
+    w = (torch.randn(e, n, k, device=device) / math.sqrt(k)).to(torch.bfloat16).requires_grad_()
+    dy = torch.randn(m, n, device=device, dtype=torch.bfloat16)
+    report: dict = {
+        **run_environment(("torch", "triton", "deep_gemm", "torchao")),
+        "device": torch.cuda.get_device_name() if on_gpu else "CPU (smoke run)",
+        "shape": dict(experts=e, rows=m, n=n, k=k),
+        "timer": {key: value for key, value in asdict(settings).items() if key != "start"},
+        "backend_info": fp8moe.backend_info(device),
+        "ceilings": [],
+        "routings": {},
+    }
+    if on_gpu:
+        try:
+            report["ceilings"] = ceilings(m, n, k, settings)
+        except Exception as exc:  # noqa: BLE001  the GEMM rows still run
+            report["ceilings"] = [Rate("ceilings", note=failure(exc))]
+        torch.cuda.empty_cache()
+    for routing in args.routings:
+        offsets = routing_offsets(routing, m, e, align=16, device=device)
+        routed = int(offsets[-1])
+        rows = run_cases(offsets, x, w, dy, device, settings)
+        raw = []
+        if on_gpu:
+            try:
+                raw = raw_deepgemm(x.detach(), w.detach(), dy, offsets, settings)
+            except Exception as exc:  # noqa: BLE001  e.g. preparing the operands failed
+                raw = [Rate("DeepGEMM raw GEMMs", note=failure(exc))]
+            torch.cuda.empty_cache()
+        report["routings"][routing] = {
+            "offsets": offsets.tolist(),
+            "group_sizes": torch.diff(offsets.cpu(), prepend=offsets.new_zeros(1).cpu()).tolist(),
+            "routed_rows": routed,
+            "flops_per_gemm": 2 * routed * n * k,
+            "rows": rows,
+            "raw": raw,
+        }
+        text = write(report, out)
+    print(text)
+    if out is not None:
+        print(f"wrote {out / 'bench_grouped_mm.md'} and bench_grouped_mm.json", file=sys.stderr)
+    return report
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """fp8moe.testing (CPU, fast): the benchmark timer's CPU path, saved-for-backward bytes, the routing presets,
 the float64 recipe model; and the command-line errors of experiments/compare.py."""
 
+import json
 import os
 import subprocess
 import sys
@@ -288,3 +289,40 @@ def test_compare_argument_errors(argv, message, capsys):
         compare.parse_args(argv)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- benchmarks
+
+
+@pytest.fixture
+def experiments_path():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    yield
+    sys.path.remove(str(ROOT / "experiments"))
+
+
+@on_cpu_only
+def test_bench_grouped_mm_cpu_smoke_run(tmp_path, experiments_path, capsys):
+    import bench_grouped_mm
+
+    report = bench_grouped_mm.main(["--routings", "skewed", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    rows = {row.case: row for row in report["routings"]["skewed"]["rows"]}
+    bf16 = rows["bf16 torch._grouped_mm"]
+    assert bf16.fwd.median_ms > 0 and bf16.fwd_bwd.cpu_ms > 0 and bf16.saved_beyond_inputs == 16  # offsets
+    fp8 = [row for name, row in rows.items() if name.startswith("fp8moe reference") and row.fwd]
+    assert fp8 and all(row.fwd_bwd.median_ms > 0 and row.saved_beyond_inputs > 0 for row in fp8)
+    assert rows["torchao row-wise FP8 (_scaled_grouped_mm)"].note  # a row with a note, not a crash
+    assert (tmp_path / "bench_grouped_mm.md").read_text().strip() == out.strip()
+    saved = json.loads((tmp_path / "bench_grouped_mm.json").read_text())
+    assert saved["routings"]["skewed"]["rows"][0]["fwd"]["method"] == "wall"
+    assert out.startswith("# fp8moe grouped GEMM") and "| bf16 torch._grouped_mm |" in out
+
+
+@on_cpu_only
+def test_bench_grouped_mm_writes_nothing_on_cpu_without_out(tmp_path, experiments_path, monkeypatch):
+    import bench_grouped_mm
+
+    monkeypatch.setattr(bench_grouped_mm, "REPO", tmp_path)
+    bench_grouped_mm.main(["--routings", "balanced"])
+    assert not any(tmp_path.iterdir())
