@@ -1,18 +1,27 @@
 """JAX companion of bench_grouped_mm: the bridge beside the torch-native call and beside bf16 ragged_dot.
 
 In one run, on one GPU, for each fp8moe GPU backend: ``jax_bridge.grouped_mm`` jitted (forward, and
-forward + backward through ``jax.vjp``) beside ``fp8moe.grouped_mm`` called from torch on the same
-values, and ``jax.lax.ragged_dot`` in bf16 (forward, and forward + backward) as the JAX baseline. Every
-case is timed the same way: median over repeats of the wall time of back-to-back calls ended by one
-device synchronisation, divided by the number of calls (so host overheads that do not overlap the GPU
-count). Also checks that the bridge returns the torch op's bits. Prints a markdown table and writes
-bench_jax.md / bench_jax.json to ``--out``.
+forward + backward through ``jax.vjp``, returning y, dx, dw) beside ``fp8moe.grouped_mm`` called from torch
+on the same values (forward under ``no_grad``; forward + backward through ``torch.autograd.grad``; with
+``cache_weight=False`` where that option exists, since the bridge quantizes the weight in every call),
+and ``jax.lax.ragged_dot`` in bf16 (forward, and forward + backward) as the JAX baseline. Also checks that
+the bridge returns the torch op's bits.
+
+Every row is timed the same way, by the benchmarks' one timer :func:`fp8moe.testing.time_call` with a
+``sync``: wall time of one call followed by a wait for its outputs (``jax.block_until_ready``; for the
+torch rows ``torch.cuda.synchronize``), median over ``--calls`` calls; CUDA events are not used because
+XLA runs on its own stream. Also per call: host ms to issue it (its outputs not waited for), GPU operations
+launched and GPU kernel ms (from one torch.profiler trace; CUPTI sees XLA's kernels as well as torch's).
+TFLOP/s counts 2 * routed rows * N * K per GEMM (one in fwd, three in fwd+bwd).
+
+Prints only the markdown table (progress and notes go to stderr) and writes bench_jax.md / bench_jax.json
+to ``--out`` (default ``experiments/results``).
 
     python experiments/bench_jax.py [--experts 8 --rows 32768 --n 2048 --k 7168] [--routing balanced]
-                                    [--backends triton,deepgemm] [--out experiments/results]
+                                    [--backends triton,deepgemm] [--calls 20] [--out experiments/results]
 
-Without a CUDA device seen by both JAX and torch it runs a tiny CPU smoke test of the same code
-(reference backend; the timings mean nothing).
+Without a CUDA device seen by both JAX and torch it runs a tiny CPU smoke test of the same code (reference
+backend; the timings mean nothing) that writes files only when ``--out`` is given.
 """
 
 from __future__ import annotations
@@ -22,45 +31,33 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # before jax is imported: share the GPU with torch
 
 import argparse  # noqa: E402
-import datetime  # noqa: E402
+import inspect  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
+import sys  # noqa: E402
 from collections.abc import Callable  # noqa: E402
-from dataclasses import asdict, dataclass  # noqa: E402
+from dataclasses import asdict, dataclass, is_dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
-from bench_grouped_mm import make_offsets  # noqa: E402  (same routings as the torch benchmark)
 
 import fp8moe  # noqa: E402
 import jax_bridge  # noqa: E402
+from fp8moe.testing import ROUTING_PRESETS, Timing, routing_offsets, run_environment, time_call  # noqa: E402
 
-CPU_SMOKE_SHAPE = dict(experts=4, rows=512, n=256, k=256)
+CPU_SMOKE_SHAPE = dict(experts=4, rows=256, n=128, k=128)
+RAGGED = "jax.lax.ragged_dot bf16"
+REPO = Path(__file__).resolve().parent.parent
 
 
 @dataclass
 class Row:
     case: str
-    fwd_ms: float | None = None
-    fwd_bwd_ms: float | None = None
+    fwd: Timing | None = None
+    fwd_bwd: Timing | None = None
     note: str = ""
-
-
-def median_ms(fn: Callable[[], object], sync: Callable[[object], object], iters: int, repeats: int) -> float:
-    """Median over ``repeats`` of (wall time of ``iters`` back-to-back calls + one sync) / ``iters``, in ms."""
-    sync(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(iters):
-            out = fn()
-        sync(out)
-        times.append((time.perf_counter() - start) / iters)
-    return 1e3 * statistics.median(times)
 
 
 def torch_sync(_: object) -> None:
@@ -73,6 +70,10 @@ def jax_gpu_available() -> bool:
         return bool(jax.devices("gpu")) and torch.cuda.is_available()
     except RuntimeError:
         return False
+
+
+def failure(exc: BaseException) -> str:
+    return f"failed: {type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
 
 
 def bridge_functions(backend: str) -> tuple[Callable, Callable]:
@@ -102,14 +103,16 @@ def ragged_dot_functions() -> tuple[Callable, Callable]:
 
 
 def torch_functions(backend: str, x, w, offsets, dy) -> tuple[Callable, Callable]:
+    """(fwd, fwd+bwd) of the torch op, doing what the bridge does: the weight quantized in every call."""
+    options = {"cache_weight": False} if "cache_weight" in inspect.signature(fp8moe.grouped_mm).parameters else {}
     xg, wg = x.detach().requires_grad_(), w.detach().requires_grad_()
 
     def fwd():
         with torch.no_grad():
-            return fp8moe.grouped_mm(x, w, offsets, backend=backend)
+            return fp8moe.grouped_mm(x, w, offsets, backend=backend, **options)
 
     def fwd_bwd():
-        y = fp8moe.grouped_mm(xg, wg, offsets, backend=backend)
+        y = fp8moe.grouped_mm(xg, wg, offsets, backend=backend, **options)
         return (y, *torch.autograd.grad(y, (xg, wg), dy))
 
     return fwd, fwd_bwd
@@ -119,15 +122,15 @@ def same_bits(got: tuple, want: tuple) -> bool:
     return all(torch.equal(torch.from_dlpack(g), w) for g, w in zip(got, want, strict=True))
 
 
-def time_backend(backend: str, torch_args: tuple, jax_args: tuple, iters: int, repeats: int) -> list[Row]:
+def time_backend(backend: str, torch_args: tuple, jax_args: tuple, timer: dict) -> list[Row]:
     """Rows for the torch-native op and the jitted bridge on one backend, same values (x, w, offsets, dy)."""
     t_fwd, t_fwd_bwd = torch_functions(backend, *torch_args)
     want = t_fwd_bwd()  # eager warm-up: DeepGEMM JIT compilation, Triton autotuning
     torch_sync(None)
     torch_row = Row(
         f"torch fp8moe.grouped_mm ({backend})",
-        median_ms(t_fwd, torch_sync, iters, repeats),
-        median_ms(t_fwd_bwd, torch_sync, iters, repeats),
+        time_call(t_fwd, sync=torch_sync, **timer),
+        time_call(t_fwd_bwd, sync=torch_sync, **timer),
     )
     j_fwd, j_fwd_bwd = bridge_functions(backend)
     x, w, offsets, dy = jax_args
@@ -135,21 +138,21 @@ def time_backend(backend: str, torch_args: tuple, jax_args: tuple, iters: int, r
     del want
     bridge_row = Row(
         f"jax_bridge.grouped_mm ({backend})",
-        median_ms(lambda: j_fwd(x, w, offsets), jax.block_until_ready, iters, repeats),
-        median_ms(lambda: j_fwd_bwd(x, w, offsets, dy), jax.block_until_ready, iters, repeats),
+        time_call(lambda: j_fwd(x, w, offsets), sync=jax.block_until_ready, **timer),
+        time_call(lambda: j_fwd_bwd(x, w, offsets, dy), sync=jax.block_until_ready, **timer),
         bits,
     )
     return [torch_row, bridge_row]
 
 
-def run(args: argparse.Namespace, on_gpu: bool) -> tuple[list[Row], dict]:
+def run(args: argparse.Namespace, on_gpu: bool, timer: dict) -> tuple[list[Row], dict]:
     dev = "cuda" if on_gpu else "cpu"
     e, m, n, k = args.experts, args.rows, args.n, args.k
     torch.manual_seed(0)
     x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
     w = (torch.randn(e, n, k, device=dev) / math.sqrt(k)).to(torch.bfloat16)
     dy = torch.randn(m, n, device=dev, dtype=torch.bfloat16)
-    offsets = make_offsets(args.routing, m, e, dev)
+    offsets = routing_offsets(args.routing, m, e, device=dev)
     # JAX copies of the same values, on the same device.
     xj, wj, offj, dyj = (jnp.array(jax.dlpack.from_dlpack(t), copy=True) for t in (x, w, offsets, dy))
     if args.backends:
@@ -161,125 +164,151 @@ def run(args: argparse.Namespace, on_gpu: bool) -> tuple[list[Row], dict]:
 
     ragged_fwd, ragged_fwd_bwd = ragged_dot_functions()
     w_t, sizes = jnp.swapaxes(wj, 1, 2), jnp.diff(offj, prepend=0)
-    timing = dict(sync=jax.block_until_ready, iters=args.iters, repeats=args.repeats)
-    rows = [
-        Row(
-            "jax.lax.ragged_dot bf16",
-            median_ms(lambda: ragged_fwd(xj, w_t, sizes), **timing),
-            median_ms(lambda: ragged_fwd_bwd(xj, w_t, sizes, dyj), **timing),
+    rows = []
+    try:
+        rows.append(
+            Row(
+                RAGGED,
+                time_call(lambda: ragged_fwd(xj, w_t, sizes), sync=jax.block_until_ready, **timer),
+                time_call(lambda: ragged_fwd_bwd(xj, w_t, sizes, dyj), sync=jax.block_until_ready, **timer),
+            )
         )
-    ]
-    print(rows[-1], flush=True)
+    except Exception as exc:  # noqa: BLE001  a baseline that fails is a row with a note
+        rows.append(Row(RAGGED, note=failure(exc)))
+    print(f"{rows[-1].case}: {rows[-1].note or 'done'}", file=sys.stderr)
     for backend in backends:
         try:
-            rows += time_backend(backend, (x, w, offsets, dy), (xj, wj, offj, dyj), args.iters, args.repeats)
+            rows += time_backend(backend, (x, w, offsets, dy), (xj, wj, offj, dyj), timer)
         except Exception as exc:  # noqa: BLE001  report a backend that fails instead of losing the whole table
-            rows.append(
-                Row(f"backend {backend}", note=f"failed: {type(exc).__name__}: {' '.join(str(exc).split())[:160]}")
-            )
-        print(*rows[-2:], sep="\n", flush=True)
+            rows.append(Row(f"backend {backend}", note=failure(exc)))
+        print(f"backend {backend}: {rows[-1].note or 'done'}", file=sys.stderr)
         if on_gpu:
             torch.cuda.empty_cache()
     info = {"offsets": offsets.tolist(), "backends": backends, "routed_rows": int(offsets[-1])}
     return rows, info
 
 
+def fmt(v: float | None, digits: int = 3) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def pair(a: float | None, b: float | None, digits: int = 3) -> str:
+    return f"{fmt(a, digits)} / {fmt(b, digits)}"
+
+
 def table(rows: list[Row], flops_fwd: float) -> list[str]:
     by_case = {r.case: r for r in rows}
-    ragged = by_case.get("jax.lax.ragged_dot bf16")
+    ragged = by_case.get(RAGGED)
 
-    def ms(v: float | None) -> str:
-        return f"{v:.3f}" if v is not None else "-"
+    def ms(row: Row | None, which: str) -> float | None:
+        t = getattr(row, which) if row else None
+        return t.median_ms if t else None
 
-    def tflops(v: float | None, factor: int) -> str:
-        return f"{factor * flops_fwd / v / 1e9:.4g}" if v else "-"
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a and b else None
 
-    def ratio(a: float | None, b: float | None) -> str:
-        return f"{a / b:.2f}x" if a and b else "-"
+    def attr(row: Row, name: str) -> tuple[float | None, float | None]:
+        return tuple(getattr(t, name) if t else None for t in (row.fwd, row.fwd_bwd))
 
     out = [
-        (
-            "| case | fwd ms | fwd+bwd ms | fwd TFLOP/s | fwd+bwd TFLOP/s | bridge overhead vs torch (fwd / fwd+bwd) "
-            "| speedup vs ragged_dot (fwd / fwd+bwd) | note |"
-        ),
-        "|---|---|---|---|---|---|---|---|",
+        "| case | fwd ms | fwd+bwd ms | TFLOP/s fwd / fwd+bwd | CPU ms per call fwd / fwd+bwd | launches fwd / fwd+bwd "
+        "| GPU kernel ms fwd / fwd+bwd | bridge overhead vs torch fwd / fwd+bwd | speed-up vs ragged_dot fwd / fwd+bwd "
+        "| note |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         overhead = "-"
         if r.case.startswith("jax_bridge"):
             native = by_case.get(r.case.replace("jax_bridge.grouped_mm", "torch fp8moe.grouped_mm"))
-            if native and native.fwd_ms and r.fwd_ms and native.fwd_bwd_ms and r.fwd_bwd_ms:
-                fwd, fwd_bwd = r.fwd_ms / native.fwd_ms - 1, r.fwd_bwd_ms / native.fwd_bwd_ms - 1
-                overhead = f"{100 * fwd:+.1f}% / {100 * fwd_bwd:+.1f}%"
-        speedup = "-"
-        if ragged and r is not ragged:
-            speedup = f"{ratio(ragged.fwd_ms, r.fwd_ms)} / {ratio(ragged.fwd_bwd_ms, r.fwd_bwd_ms)}"
+            over = [ratio(ms(r, which), ms(native, which)) for which in ("fwd", "fwd_bwd")]
+            if all(over):
+                overhead = f"{100 * (over[0] - 1):+.1f}% / {100 * (over[1] - 1):+.1f}%"
+        speedup = "-" if r is ragged else pair(*(ratio(ms(ragged, w), ms(r, w)) for w in ("fwd", "fwd_bwd")), 2)
+        tflops = [ratio(gemms * flops_fwd / 1e9, ms(r, which)) for gemms, which in ((1, "fwd"), (3, "fwd_bwd"))]
+        notes = [r.note] + [t.note for t in (r.fwd, r.fwd_bwd) if t and t.note]
         out.append(
-            f"| {r.case} | {ms(r.fwd_ms)} | {ms(r.fwd_bwd_ms)} | {tflops(r.fwd_ms, 1)} | {tflops(r.fwd_bwd_ms, 3)} "
-            f"| {overhead} | {speedup} | {r.note} |"
+            f"| {r.case} | {fmt(ms(r, 'fwd'))} | {fmt(ms(r, 'fwd_bwd'))} | {pair(*tflops, 0)} "
+            f"| {pair(*attr(r, 'cpu_ms'))} | {pair(*attr(r, 'launches'), 0)} | {pair(*attr(r, 'gpu_kernel_ms'))} "
+            f"| {overhead} | {speedup} | {'; '.join(n for n in notes if n)} |"
         )
     return out
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--rows", type=int, default=32768)
     parser.add_argument("--n", type=int, default=2048)
     parser.add_argument("--k", type=int, default=7168)
-    parser.add_argument("--routing", default="balanced", choices=("balanced", "skewed", "random"))
+    parser.add_argument("--routing", default="balanced", choices=ROUTING_PRESETS)
     parser.add_argument(
         "--backends", default="", help="comma-separated fp8moe backends (default: every GPU backend available)"
     )
-    parser.add_argument("--iters", type=int, default=10, help="back-to-back calls per timed repeat")
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument(
-        "--out", type=Path, default=None, help="default: experiments/results (GPU), experiments/runs (CPU smoke run)"
-    )
-    args = parser.parse_args()
+    parser.add_argument("--calls", type=int, default=20, help="timed calls per measurement (median)")
+    parser.add_argument("--out", type=Path, default=None, help="default: experiments/results (GPU); none on CPU")
+    args = parser.parse_args(argv)
+    for flag in ("experts", "rows", "calls"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag}: expected >= 1, got {getattr(args, flag)}")
+    for flag in ("n", "k"):
+        if getattr(args, flag) < 1 or getattr(args, flag) % 128:
+            parser.error(f"--{flag}: expected a positive multiple of 128, got {getattr(args, flag)}")
+    return args
 
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     on_gpu = jax_gpu_available()
     if on_gpu:
-        device = torch.cuda.get_device_name()
+        timer = dict(warmup=3, calls=args.calls, cpu_calls=10, profile_calls=3, memory=False)
+        out = args.out or REPO / "experiments" / "results"
     else:
-        print("no CUDA device seen by both JAX and torch: CPU smoke run on a tiny shape (timings mean nothing)")
-        vars(args).update(CPU_SMOKE_SHAPE, iters=2, repeats=3)
-        device = "CPU (smoke run)"
-    out = args.out or Path("experiments/results" if on_gpu else "experiments/runs")
-    rows, info = run(args, on_gpu)
-    flops_fwd = 2 * info["routed_rows"] * args.n * args.k
-    date = datetime.date.today().isoformat()
+        print(
+            "no CUDA device seen by both JAX and torch: CPU smoke run, tiny shape (timings mean nothing)",
+            file=sys.stderr,
+        )
+        vars(args).update(CPU_SMOKE_SHAPE)
+        timer = dict(warmup=1, calls=3, cpu_calls=2, profile_calls=0, memory=False)
+        out = args.out
+    rows, info = run(args, on_gpu, timer)
+    env = run_environment(("torch", "triton", "deep_gemm", "jax", "jaxlib"))
+    device = env["device"] if on_gpu else "CPU (smoke run)"
+    v = env["versions"]
     lines = [
-        f"# jax_bridge grouped GEMM vs torch-native and jax.lax.ragged_dot, {device}, {date}",
+        f"# jax_bridge grouped GEMM vs torch-native and jax.lax.ragged_dot, {device}, {env['date']}",
         "",
         (
             f"E={args.experts}, M={args.rows}, N={args.n}, K={args.k}, routing {args.routing}, x/w/dy bf16; "
-            f"jax {jax.__version__}, torch {torch.__version__}. Median ms of {args.iters} back-to-back jitted (JAX) "
-            f"or eager (torch) calls ended by one sync, over {args.repeats} repeats; fwd+bwd returns y, dx, dw. "
-            "TFLOP/s counts 2*M_routed*N*K per GEMM. Targets (issue 5): bridge fwd+bwd overhead <= 10% of "
-            "torch-native, fwd+bwd >= 10x faster than ragged_dot's."
+            f"jax {v['jax']}, jaxlib {v['jaxlib']}, torch {v['torch']}, triton {v['triton']}, DeepGEMM "
+            f"{v['deep_gemm']}; git commit {env['commit']}. Median ms of one call followed by a wait for its "
+            f"outputs (jitted JAX: block_until_ready; eager torch: synchronize), over {timer['calls']} calls; "
+            "fwd+bwd returns y, dx, dw. CPU ms: host time to issue one call; launches and GPU kernel ms per call "
+            f"from one profiler trace of {timer['profile_calls']} calls. TFLOP/s counts 2*M_routed*N*K per GEMM. "
+            "Targets (issue 5): bridge fwd+bwd overhead <= 10% of torch-native, fwd+bwd >= 10x faster than "
+            "ragged_dot's."
         ),
         "",
-        *table(rows, flops_fwd),
+        *table(rows, 2 * info["routed_rows"] * args.n * args.k),
     ]
     text = "\n".join(lines)
     print(text)
     report = {
-        "date": date,
+        **env,
         "device": device,
-        "jax": jax.__version__,
-        "torch": torch.__version__,
         "shape": dict(experts=args.experts, rows=args.rows, n=args.n, k=args.k),
         "routing": args.routing,
-        "timing": dict(iters=args.iters, repeats=args.repeats),
+        "timer": timer,
         "backend_info": fp8moe.backend_info("cuda" if on_gpu else "cpu"),
         **info,
-        "rows": [asdict(r) for r in rows],
+        "rows": rows,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_jax.md").write_text(text + "\n")
-    (out / "bench_jax.json").write_text(json.dumps(report, indent=1))
-    print(f"wrote {out / 'bench_jax.md'} and bench_jax.json")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench_jax.md").write_text(text + "\n")
+        as_json = json.dumps(report, indent=1, default=lambda o: asdict(o) if is_dataclass(o) else str(o))
+        (out / "bench_jax.json").write_text(as_json)
+        print(f"wrote {out / 'bench_jax.md'} and bench_jax.json", file=sys.stderr)
+    return report
 
 
 if __name__ == "__main__":

@@ -326,3 +326,23 @@ def test_bench_grouped_mm_writes_nothing_on_cpu_without_out(tmp_path, experiment
     monkeypatch.setattr(bench_grouped_mm, "REPO", tmp_path)
     bench_grouped_mm.main(["--routings", "balanced"])
     assert not any(tmp_path.iterdir())
+
+
+@on_cpu_only
+def test_bench_jax_cpu_smoke_run_prints_only_the_table(tmp_path, experiments_path, capsys):
+    pytest.importorskip("jax")
+    import bench_jax
+
+    report = bench_jax.main(["--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert out.startswith("# jax_bridge grouped GEMM") and "Row(" not in out
+    assert out.strip() == (tmp_path / "bench_jax.md").read_text().strip()
+    cases = {row.case: row for row in report["rows"]}
+    assert set(cases) == {
+        "jax.lax.ragged_dot bf16",
+        "torch fp8moe.grouped_mm (reference)",
+        "jax_bridge.grouped_mm (reference)",
+    }
+    assert cases["jax_bridge.grouped_mm (reference)"].note == "bit-identical y, dx, dw"
+    assert all(row.fwd.method == "wall+sync" and row.fwd_bwd.median_ms > 0 for row in cases.values())
+    assert json.loads((tmp_path / "bench_jax.json").read_text())["rows"][0]["case"] == "jax.lax.ragged_dot bf16"
