@@ -32,7 +32,7 @@ Writes ``bench_grouped_mm.md`` and ``.json`` to ``--out`` (default ``experiments
 every routing, so a run cut short keeps what finished) and prints the markdown.
 
     python experiments/bench_grouped_mm.py [--experts 8 --rows 32768 --n 2048 --k 7168]
-        [--routings balanced,skewed] [--calls 30] [--budget-s 220] [--out DIR]
+        [--routings balanced,skewed] [--calls 30] [--budget-s 180] [--out DIR]
 
 Without a CUDA device: a tiny smoke run (E=4, M=256, N=128, K=128) through the reference backend that
 checks the script end to end (timings mean nothing) and writes files only when ``--out`` is given.
@@ -478,7 +478,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--routings", default="balanced,skewed", help=f"comma-separated, of {', '.join(ROUTING_PRESETS)}"
     )
     parser.add_argument("--calls", type=int, default=30, help="timed calls per measurement (median)")
-    parser.add_argument("--budget-s", type=float, default=220.0, help="skip the cases still to run after this")
+    parser.add_argument("--budget-s", type=float, default=180.0, help="skip the cases still to run after this")
     parser.add_argument("--out", type=Path, default=None, help="default: experiments/results (GPU); none on CPU")
     args = parser.parse_args(argv)
     for flag in ("experts", "rows", "calls"):
