@@ -32,7 +32,7 @@ Writes ``bench_grouped_mm.md`` and ``.json`` to ``--out`` (default ``experiments
 every routing, so a run cut short keeps what finished) and prints the markdown.
 
     python experiments/bench_grouped_mm.py [--experts 8 --rows 32768 --n 2048 --k 7168]
-        [--routings balanced,skewed] [--calls 30] [--budget-s 180] [--out DIR]
+        [--routings balanced,skewed] [--calls 30] [--budget-s 180] [--no-profile] [--out DIR]
 
 Without a CUDA device: a tiny smoke run (E=4, M=256, N=128, K=128) through the reference backend that
 checks the script end to end (timings mean nothing) and writes files only when ``--out`` is given.
@@ -479,6 +479,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--calls", type=int, default=30, help="timed calls per measurement (median)")
     parser.add_argument("--budget-s", type=float, default=180.0, help="skip the cases still to run after this")
+    parser.add_argument("--no-profile", action="store_true", help="no profiler trace (no launches, GPU kernel ms)")
     parser.add_argument("--out", type=Path, default=None, help="default: experiments/results (GPU); none on CPU")
     args = parser.parse_args(argv)
     for flag in ("experts", "rows", "calls"):
@@ -499,7 +500,8 @@ def main(argv: list[str] | None = None) -> dict:
     on_gpu = torch.cuda.is_available()
     if on_gpu:
         device, out = "cuda", args.out or REPO / "experiments" / "results"
-        settings = Settings(calls=args.calls, warmup=3, cpu_calls=10, profile_calls=3, budget_s=args.budget_s)
+        profile_calls = 0 if args.no_profile else 3
+        settings = Settings(args.calls, warmup=3, cpu_calls=10, profile_calls=profile_calls, budget_s=args.budget_s)
     else:
         print(
             "no CUDA device: smoke run of a tiny shape on the reference backend (timings mean nothing)", file=sys.stderr

@@ -18,7 +18,7 @@ Prints only the markdown table (progress and notes go to stderr) and writes benc
 to ``--out`` (default ``experiments/results``).
 
     python experiments/bench_jax.py [--experts 8 --rows 32768 --n 2048 --k 7168] [--routing balanced]
-                                    [--backends triton,deepgemm] [--calls 20] [--out experiments/results]
+                                    [--backends triton,deepgemm] [--calls 20] [--no-profile] [--out DIR]
 
 Without a CUDA device seen by both JAX and torch it runs a tiny CPU smoke test of the same code (reference
 backend; the timings mean nothing) that writes files only when ``--out`` is given.
@@ -245,6 +245,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--backends", default="", help="comma-separated fp8moe backends (default: every GPU backend available)"
     )
     parser.add_argument("--calls", type=int, default=20, help="timed calls per measurement (median)")
+    parser.add_argument("--no-profile", action="store_true", help="no profiler trace (no launches, GPU kernel ms)")
     parser.add_argument("--out", type=Path, default=None, help="default: experiments/results (GPU); none on CPU")
     args = parser.parse_args(argv)
     for flag in ("experts", "rows", "calls"):
@@ -260,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     on_gpu = jax_gpu_available()
     if on_gpu:
-        timer = dict(warmup=3, calls=args.calls, cpu_calls=10, profile_calls=3, memory=False)
+        timer = dict(warmup=3, calls=args.calls, cpu_calls=10, profile_calls=0 if args.no_profile else 3, memory=False)
         out = args.out or REPO / "experiments" / "results"
     else:
         print(
