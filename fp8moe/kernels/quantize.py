@@ -92,17 +92,30 @@ _INF = tl.constexpr(float("inf"))
 @triton.jit
 def _load_flushed(ptrs, mask, PTX: tl.constexpr):
     """``tl.load(ptrs, mask, other=0)`` (mask None: unmasked) in fp32 with ``|v| < 2^-126`` (subnormals,
-    -0) replaced by +0, the recipe's first step; NaN stays NaN. PTX: one ``add.ftz`` of +0 (flush-to-zero
-    keeps the sign of a subnormal, and -0 + +0 is +0)."""
+    -0) replaced by +0, the recipe's first step; NaN stays NaN. PTX: ``add.ftz`` of +0 (flush-to-zero keeps
+    the sign of a subnormal, and -0 + +0 is +0), for bf16 input fused with the widening of each register's
+    pair of bf16 values (a shift and a mask)."""
     if mask is None:
-        x = tl.load(ptrs).to(tl.float32)
+        x = tl.load(ptrs)
     else:
-        x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(ptrs, mask=mask, other=0.0)
     if PTX:
-        x = tl.inline_asm_elementwise(
-            "add.ftz.f32 $0, $1, 0f00000000;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
-        )
+        if x.dtype == tl.bfloat16:
+            x = tl.inline_asm_elementwise(
+                "{ .reg .b32 lo, hi; shl.b32 lo, $2, 16; and.b32 hi, $2, 0xffff0000; "
+                "add.ftz.f32 $0, lo, 0f00000000; add.ftz.f32 $1, hi, 0f00000000; }",
+                "=r,=r,r",
+                [x],
+                dtype=tl.float32,
+                is_pure=True,
+                pack=2,
+            )
+        else:
+            x = tl.inline_asm_elementwise(
+                "add.ftz.f32 $0, $1, 0f00000000;", "=r,r", [x.to(tl.float32)], dtype=tl.float32, is_pure=True, pack=1
+            )
     else:
+        x = x.to(tl.float32)
         x = tl.where(tl.abs(x) < _MIN_NORMAL, 0.0, x)
     return x
 
@@ -281,16 +294,22 @@ def _token_tiles(x, amax, qt_ptrs, s_ptrs, FAST: tl.constexpr, PTX: tl.constexpr
 
 
 def _token_configs() -> list[triton.Config]:
-    """(BLOCK_ROWS, BLOCK_COLS, warps, register cap). Rowwise tiles need 128 columns and token tiles 128
-    rows; the one-read both-layout kernel needs 128x128. Register caps keep two 128x128 CTAs an SM (8
-    warps at <= 128 registers, 16 at <= 64): one CTA's loads are in flight while the other computes."""
+    """(BLOCK_ROWS, BLOCK_COLS, warps, register cap) of the token kernel; :func:`_fitting_token_configs`
+    picks those of the requested outputs. Rowwise tiles need 128 columns, token tiles 128 rows, both
+    128x128. Memory-bound, so the point is bytes in flight per SM: several CTAs an SM, so that one CTA's
+    loads are in flight while another computes. Register use on sm_90 (Triton 3.6, bf16 input):
+    rowwise 32x128 / 64x128, 4 warps: ~60 / ~95 registers (several CTAs an SM); token tiles 128x64, 4 / 8
+    warps: ~115 / ~80 (4 / 3 CTAs); both 128x128: 4 warps ~255 registers (2 CTAs of 4 warps, the fewest
+    instructions an element: per-tile work is shared by more elements a thread), 4 warps capped at 168 (3
+    CTAs, some spills), 8 warps capped at 128 (2 CTAs of 8 warps)."""
     shapes = [
         (32, 128, 4, None),
         (64, 128, 4, None),
         (128, 64, 4, None),
         (128, 64, 8, None),
+        (128, 128, 4, None),
+        (128, 128, 4, 168),
         (128, 128, 8, 128),
-        (128, 128, 16, 64),
     ]
     return [
         triton.Config({"BLOCK_ROWS": r, "BLOCK_COLS": c}, num_warps=w, num_stages=1, maxnreg=m) for r, c, w, m in shapes
@@ -298,13 +317,11 @@ def _token_configs() -> list[triton.Config]:
 
 
 def _fitting_token_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Autotune prune: the tile shapes for the requested outputs (128x128 only when both)."""
+    """Autotune prune: the tile shapes for the requested outputs: rowwise only 32 or 64 rows x 128 columns,
+    token tiles only 128 rows x 64 columns, both 128x128."""
     rowwise, tiles = kwargs["ROWWISE"], kwargs["TOKEN_TILES"]
-    return [
-        c
-        for c in configs
-        if (c.kwargs["BLOCK_COLS"] == BLOCK) == rowwise and (c.kwargs["BLOCK_ROWS"] == BLOCK or not tiles)
-    ]
+    rows = (BLOCK,) if tiles else (32, 64)
+    return [c for c in configs if (c.kwargs["BLOCK_COLS"] == BLOCK) == rowwise and c.kwargs["BLOCK_ROWS"] in rows]
 
 
 @triton.autotune(
@@ -414,8 +431,9 @@ def _weight_block(
 
 
 def _weight_configs() -> list[triton.Config]:
-    """Warps of the weight kernel: 8 (~128 registers) or 16 (~64): two 128x128 CTAs an SM either way."""
-    return [triton.Config({}, num_warps=w, num_stages=1) for w in (8, 16)]
+    """Warps (and register cap) of the weight kernel, one 128x128 block a CTA: 4 warps (~255 registers with
+    the transposed output: 2 CTAs an SM), 8 (~128: 2 CTAs), 16 capped at 64 (2 CTAs)."""
+    return [triton.Config({}, num_warps=w, num_stages=1, maxnreg=m) for w, m in ((4, None), (8, None), (16, 64))]
 
 
 @triton.autotune(configs=_weight_configs(), key=["N", "K", "TRANSPOSED"])
@@ -444,10 +462,10 @@ def _quantize_weight_kernel(
     amax = tl.max(_col_amax(w0, w1, w2, w3).to(tl.int32, bitcast=True), 0).to(tl.float32, bitcast=True)
     x = _join4(w0, w1, w2, w3)
     s_ptrs = s_ptr + (expert * n_blocks + n_block) * k_blocks + k_block
-    st_ptrs = st_ptr + (expert * k_blocks + k_block) * n_blocks + n_block
     q_ptrs = q_ptr + expert.to(tl.int64) * N * K + rows.to(tl.int64)[:, None] * K + cols[None, :]
-    qt_ptrs = q_ptrs  # unused unless TRANSPOSED
+    qt_ptrs, st_ptrs = q_ptrs, s_ptrs  # unused unless TRANSPOSED
     if TRANSPOSED:
+        st_ptrs = st_ptr + (expert * k_blocks + k_block) * n_blocks + n_block
         n_words = N // 4  # row k of qt holds N codes, N / 4 words; word b of this block holds rows 4b .. 4b+3
         qt_ptrs = (
             qt_words_ptr
