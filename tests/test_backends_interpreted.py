@@ -83,15 +83,16 @@ def interpreter_checks() -> None:
     reference.quantize_tiles = _quantize_tiles_converting_like_the_interpreter
     sys.modules["deep_gemm"] = fake_deep_gemm()
     torch.cuda.Event = _NoEvent
+    from test_kernels_quantize import _interpreter_setup
+
     from fp8moe.backends import load_backend
     from fp8moe.kernels import gemm as kernels
     from fp8moe.plan import plan_groups
-    from fp8moe.quant import triton as tq
     from fp8moe.testing import backend_fwd_bwd, sqnr_db
 
-    for tuner in (kernels._m_grouped_kernel, kernels._k_grouped_kernel, tq._quantize_weight_kernel):
+    _interpreter_setup()  # one tile shape per output mode of the quantizers
+    for tuner in (kernels._m_grouped_kernel, kernels._k_grouped_kernel):
         run_configs_once(tuner, tuner.configs[:1])
-    run_configs_once(tq._quantize_tokens_kernel, tq._quantize_tokens_kernel.configs[-1:])  # 128x128 tiles
 
     gen = torch.Generator().manual_seed(0)
     m, n, k = 200, 128, 256

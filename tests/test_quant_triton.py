@@ -147,13 +147,14 @@ def _to_e4m3_kernel(x_ptr, y_ptr, n, BLOCK_SIZE: tl.constexpr):
 
 
 def _quantize_tiles_converting_like_the_interpreter(tiles: torch.Tensor, amax: torch.Tensor):
-    """The recipe of fp8moe.quant.reference.quantize_tiles with its final fp32 -> e4m3 cast done by the
-    interpreter (NaN values keep the true NaN code: the interpreter's NaN codes are arbitrary)."""
+    """The recipe of fp8moe.quant.reference.quantize_tiles (zero tiles included) with its final fp32 ->
+    e4m3 cast done by the interpreter (NaN values keep the true NaN code: the interpreter's NaN codes are
+    arbitrary)."""
     scale = amax / torch.full_like(amax, FP8_MAX)
     zero_tile = scale < MIN_NORMAL
-    scale = torch.where(zero_tile, 0.0, scale)
-    fp32 = (tiles / torch.where(zero_tile, 1.0, scale)).clamp(-FP8_MAX, FP8_MAX)
-    fp32 = torch.where(zero_tile, 0.0, fp32).contiguous()
+    scale = torch.where(zero_tile, torch.zeros_like(scale), scale)
+    fp32 = (tiles / torch.where(zero_tile, torch.ones_like(scale), scale)).clamp(-FP8_MAX, FP8_MAX)
+    fp32 = torch.where(zero_tile, torch.zeros_like(fp32), fp32).contiguous()
     values = torch.empty(fp32.shape, dtype=FP8_DTYPE)
     _to_e4m3_kernel[(triton.cdiv(fp32.numel(), 1024),)](fp32, values, fp32.numel(), BLOCK_SIZE=1024)
     return torch.where(fp32.isnan(), torch.full_like(values, float("nan")), values), scale

@@ -15,9 +15,9 @@ import torch
 from torch import Tensor
 
 from fp8moe.backends.base import WgradGemm, cuda_capability_reason
+from fp8moe.kernels import quantize as kq
 from fp8moe.kernels.gemm import k_grouped_gemm, m_grouped_gemm
 from fp8moe.plan import GroupLayout
-from fp8moe.quant import triton as kq
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -27,7 +27,7 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 class TritonQuantizer:
     def tokens(self, x: Tensor, plan: GroupLayout, rows: bool, token_tiles: bool) -> tuple[Tensor, ...]:
-        return kq.quantize_tokens(x, plan, rows=rows, token_tiles=token_tiles)
+        return kq.quantize_tokens(x, plan, rowwise=rows, token_tiles=token_tiles)
 
     def weight(self, w: Tensor, transposed: bool, out_t: tuple[Tensor, Tensor] | None) -> tuple[Tensor, ...]:
         return kq.quantize_weight(w, transposed, out_t=out_t)

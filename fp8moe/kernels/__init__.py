@@ -1,0 +1,5 @@
+"""Triton kernels of fp8moe: quantizers that write the grouped GEMMs' operand layouts (:mod:`.quantize`)."""
+
+from fp8moe.kernels.quantize import quantize_tokens, quantize_weight
+
+__all__ = ["quantize_tokens", "quantize_weight"]
