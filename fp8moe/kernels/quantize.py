@@ -372,15 +372,17 @@ def _quantize_tokens_kernel(
     BLOCK_COLS: tl.constexpr,
     PTX: tl.constexpr,
 ):
-    """One BLOCK_ROWS x BLOCK_COLS tile of the padded layout (program ids: row block, column block), read
-    once from x (M, C) through ``padded_to_row`` (padding rows read as 0).
+    """One BLOCK_ROWS x BLOCK_COLS tile of the padded layout, read once from x (M, C) through
+    ``padded_to_row`` (padding rows read as 0). A 1-D grid, column blocks fastest: consecutive CTAs read
+    neighbouring spans of the same rows.
 
     ROWWISE (BLOCK_COLS == 128): q (Mp, C) e4m3 and s (C/128, Mp) fp32. TOKEN_TILES (BLOCK_ROWS == 128): the
     flat K-major codes through their int32 view qt_words (C * Mp / 4,) and st (Mp/128, C) fp32. The tile is
     four sub-tiles of BLOCK_ROWS/4 rows, sub-tile a holding rows 4 b + a (module docstring).
     """
-    row_block = tl.program_id(0)
-    col_block = tl.program_id(1)
+    col_blocks = num_cols // BLOCK_COLS
+    row_block = tl.program_id(0) // col_blocks
+    col_block = tl.program_id(0) % col_blocks
     first = row_block * BLOCK_ROWS
     b = tl.arange(0, BLOCK_ROWS // 4)
     cols = col_block * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
@@ -560,8 +562,8 @@ def quantize_tokens(
     st = x.new_empty((mp // BLOCK, cols), dtype=torch.float32) if token_tiles else None
     if mp and cols:
 
-        def grid(meta: dict) -> tuple[int, int]:
-            return (mp // meta["BLOCK_ROWS"], cols // meta["BLOCK_COLS"])
+        def grid(meta: dict) -> tuple[int]:
+            return ((mp // meta["BLOCK_ROWS"]) * (cols // meta["BLOCK_COLS"]),)
 
         _quantize_tokens_kernel[grid](
             x,
