@@ -266,6 +266,58 @@ def test_kernels_under_the_triton_interpreter(check):
     _run_in_the_interpreter(check)
 
 
+# ---- the fast division, in NumPy with an exact fp32 FMA (CPU) -------------------------------------------------
+
+
+def test_fast_division_is_the_ieee_quotient():
+    """kq._divide's arithmetic (y_hi = RN(1/d), y_lo = RN(fma(-d, y_hi, 1) y_hi), q0 = fma(x, y_hi, RN(x
+    y_lo)), r = fma(-d, q0, x), q = fma(r, y_hi, q0)) gives the IEEE fp32 quotient for divisors in [2^-90,
+    2^120] wherever its e4m3 code can differ: random significands, quotients near e4m3 rounding midpoints
+    and just below powers of two, perturbed by a few ulps; and RN(amax / 448) for every significand of
+    amax in a few binades (the kernels' scale)."""
+    np = pytest.importorskip("numpy")
+    fma32 = pytest.importorskip("triton._C.libtriton").interpreter.fma_fp32  # the interpreter's exact fp32 FMA
+    rng = np.random.default_rng(0)
+    f32 = np.float32
+
+    def fma(a, b, c):
+        return fma32(*np.broadcast_arrays(*(np.asarray(v, dtype=f32) for v in (a, b, c))))
+
+    def divide(x, d):
+        y_hi = f32(1) / d
+        y_lo = fma(-d, y_hi, f32(1)) * y_hi
+        q = fma(x, y_hi, x * y_lo)
+        return fma(fma(-d, q, x), y_hi, q)
+
+    def e4m3(v):
+        return torch.from_numpy(np.ascontiguousarray(v)).to(FP8_DTYPE).view(torch.uint8)
+
+    n = 1 << 19
+    d = (f32(1) + rng.integers(0, 1 << 23, n).astype(f32) * f32(2.0**-23)) * np.exp2(rng.integers(-90, 120, n)).astype(
+        f32
+    )
+    mid = (rng.integers(8, 16, n) + 0.5) * np.exp2(rng.integers(-10, 6, n).astype(np.float64))  # e4m3 midpoints
+    top = (1 - rng.integers(1, 64, n) * 2.0**-24) * np.exp2(rng.integers(-10, 9, n).astype(np.float64))
+    any_ = (1 + rng.random(n)) * np.exp2(rng.integers(-30, 9, n).astype(np.float64))
+    quotient = np.where(rng.random(n) < 0.4, mid, np.where(rng.random(n) < 0.5, top, any_)).clip(max=448)
+    x = quotient * d.astype(np.float64)
+    keep = x < 2.0**127  # finite after the perturbation below
+    x, d = x[keep].astype(f32), d[keep]
+    x = (x.view(np.int32) + rng.integers(-3, 4, x.size).astype(np.int32)).view(f32)
+    x = np.where(rng.random(x.size) < 0.5, -x, x).astype(f32)
+    want, got = x / d, divide(x, d)
+    relevant = np.abs(want) >= f32(2.0**-13)  # below, an ulp may differ; the code is a signed zero either way
+    assert np.array_equal(want[relevant].view(np.int32), got[relevant].view(np.int32))
+    assert torch.equal(e4m3(want), e4m3(got))
+
+    y_hi = f32(1) / f32(448)
+    assert kq._reciprocal_parts(FP8_MAX) == (y_hi, fma(f32(-448), y_hi, f32(1)) * y_hi)  # the kernels' constants
+    significands = np.arange(1 << 23, dtype=np.uint32)
+    for exponent in (-82, 127):  # amax / 448 for every significand of amax, at both ends of the fast range
+        amax = ((np.uint32(exponent + 127) << 23) | significands).view(f32)
+        assert np.array_equal((amax / f32(448)).view(np.int32), divide(amax, f32(448)).view(np.int32))
+
+
 # ---- argument checks (no kernel launch; CPU) ---------------------------------------------------------------
 
 

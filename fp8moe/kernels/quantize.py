@@ -25,20 +25,42 @@ Layouts (Mp = ``layout.num_padded_rows``, C = columns of the token input, E = gr
 - *weights* (128x128 blocks): codes ``(E, N, K)`` with scales ``(E, N/128, K/128)``, and optionally the
   same blocks transposed, codes ``(E, K, N)`` with scales ``(E, K/128, N/128)``.
 
-How the transposed outputs are written (token tiles, transposed weights). Those stores run along the *row*
-axis of the tile as loaded (128 consecutive tokens / weight rows of one column are 128 contiguous bytes),
-while loads run along columns. A CTA loads its tile as four sub-tiles ``a = 0..3`` of R/4 rows each,
-sub-tile ``a`` holding rows ``4 b + a`` (``b = 0..R/4-1``). The four codes of rows ``4b .. 4b+3`` of a
-column then sit at the same position of the four sub-tiles, in the same thread, and are packed into one
-little-endian int32 word with shifts and ors (no data movement). Only the ``(R/4, BC)`` int32 word tile is
-transposed (``tl.trans``: one shared-memory round trip of 4-byte elements, a quarter of the instructions
-of transposing 1-byte codes, and no fp32 tile is ever transposed), and it is stored through an int32 view
-of the output with rows of 32 consecutive words (128 bytes), so the global stores are 16-byte vectors
-covering whole 128-byte lines. The row-major outputs are stored straight from the load layout.
+Design (the kernels are memory-bound at the target, >= 85% of copy bandwidth on an H200; at ~4 bytes
+moved an element, one-read quantization into both layouts leaves ~35 instructions an element at full
+issue rate, which a plain ``div_rn`` per element and byte-wise transposes exceed):
 
-Per element the kernels do one 16-byte-vector load share, a NaN-propagating max (one ``max.NaN`` per
-direction), one IEEE division and a select per output layout, and one conversion; no clamp is needed
-(``|v / scale| <= 448 (1 + 2^-24)``, which rounds to 448, and NaN stays NaN).
+- *Sub-tiles and packed transposes.* A CTA loads its tile (R rows, 128 or 64 columns; rows are padded
+  rows gathered through ``padded_to_row`` for tokens) as four sub-tiles ``a = 0..3`` of R/4 rows,
+  sub-tile ``a`` holding rows ``4 b + a`` (``b = 0..R/4-1``), with 16-byte vector loads along the
+  contiguous columns. The transposed outputs (token tiles; the transposed weight) run along the *row*
+  axis: 128 consecutive tokens / weight rows of one column are 128 contiguous bytes. The four codes of
+  rows ``4b .. 4b+3`` of a column sit at the same position of the four sub-tiles, in one thread, so they
+  are packed into one little-endian int32 word without moving data, and only the ``(R/4, C')`` word tile
+  is transposed (``tl.trans``: one shared-memory round trip of 4-byte elements; no fp32 tile is ever
+  transposed). It is stored through an int32 view of the output, 32 consecutive words (128 bytes) a
+  column, as 16-byte vector stores of whole lines. Row-major outputs are stored from the load layout.
+- *Division.* ``v / scale`` is the IEEE quotient computed in four floating-point operations from
+  per-tile reciprocal parts (:func:`_divide`: Markstein's correction, exact for divisors in [2^-90,
+  2^120]); the scale itself (amax / 448) the same way from constants. Each CTA checks that all its tiles
+  have amax 0 or in [448 * 2^-90, FLT_MAX] (:func:`_is_fast`) and otherwise takes a branch with
+  ``div_rn`` and the zero-tile rule as written (NaN/Inf tiles, tiles of tiny values); the branch is
+  CTA-uniform. No clamp is needed before the e4m3 conversion: ``|v / scale| <= 448 (1 + 2^-24)`` rounds
+  to 448, and NaN stays NaN.
+- *Reductions.* amax is NaN-propagating (``max.NaN`` while the pairs are in registers, then an integer max
+  of the non-negative bit patterns, in which NaN sorts above +Inf).
+- *PTX.* On a GPU two steps are inline PTX (``PTX``: not under the Triton interpreter, which runs their
+  portable forms): the flush of tiny values as ``add.ftz`` of +0 (fused with the widening of bf16), and the
+  conversion of four sub-tiles' quotients straight into packed words with ``cvt.rn.satfinite.e4m3x2.f32``
+  (the instruction Triton emits for ``.to(tl.float8e4nv)``; the portable form assembles bytes one by one).
+- *Occupancy.* The configs (see :func:`_token_configs`, :func:`_weight_configs`) keep two or more CTAs
+  an SM, so that one CTA's loads are in flight while another computes; the one-read 128x128 token tile
+  also runs at 4 warps, where each thread's per-tile work (scales and reciprocals of its rows and
+  columns) is shared by the most elements.
+
+Measured on the CPU only (sm_90 code from Triton 3.6 read with ptxas/cuobjdump): ~23 instructions an
+element for both token layouts at 4 warps, ~13 for rowwise only, ~17 for token tiles only, ~13 for a
+weight block with both layouts (the previous kernels: ~50-60, with the token tiles stored through 1-byte
+shared-memory writes).
 """
 
 from __future__ import annotations
@@ -65,7 +87,7 @@ _INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def _reciprocal_parts(d: float) -> tuple[float, float]:
-    """``(y_hi, y_lo)`` of :func:`_reciprocal` for a constant divisor, in fp32 on the host."""
+    """``(y_hi, y_lo)`` (see :func:`_divide`) of a constant divisor, in fp32, on the host."""
     one, div = torch.ones((), dtype=torch.float32), torch.tensor(d, dtype=torch.float32)
     hi = one / div  # IEEE fp32 division
     residual = 1.0 - d * hi.item()  # exact in float64, and exactly representable in fp32
@@ -223,8 +245,8 @@ def _tile_scales(amax, FAST: tl.constexpr):
 
 @triton.jit
 def _quotients(x, divisor, y_hi, y_lo, zero_tile, FAST: tl.constexpr):
-    """``x / divisor`` for flushed x (per-tile operands broadcast to x): by :func:`_divide` when FAST,
-    otherwise by ``div_rn`` with +0 in zero tiles.
+    """``x / divisor`` for flushed x (per-tile operands broadcast to x): by :func:`_divide` (inlined: one
+    jit call less under the interpreter) when FAST, otherwise by ``div_rn`` with +0 in zero tiles.
 
     The e4m3 conversion needs no clamp before it: ``|x| <= amax`` and ``divisor = RN(amax / 448)`` give
     ``|x / divisor| <= 448 (1 + 2^-24)``, which rounds to 448 (e4m3 has no value between 448 and the next
@@ -298,17 +320,17 @@ def _token_configs() -> list[triton.Config]:
     picks those of the requested outputs. Rowwise tiles need 128 columns, token tiles 128 rows, both
     128x128. Memory-bound, so the point is bytes in flight per SM: several CTAs an SM, so that one CTA's
     loads are in flight while another computes. Register use on sm_90 (Triton 3.6, bf16 input):
-    rowwise 32x128 / 64x128, 4 warps: ~60 / ~95 registers (several CTAs an SM); token tiles 128x64, 4 / 8
-    warps: ~115 / ~80 (4 / 3 CTAs); both 128x128: 4 warps ~255 registers (2 CTAs of 4 warps, the fewest
-    instructions an element: per-tile work is shared by more elements a thread), 4 warps capped at 168 (3
-    CTAs, some spills), 8 warps capped at 128 (2 CTAs of 8 warps)."""
+    rowwise 32x128 / 64x128, 4 warps: 64 / 96 registers (8 / 5 CTAs an SM); token tiles 128x64, 4 / 8
+    warps: 126 / 79 (4 / 3 CTAs); both 128x128: 4 warps ~255 registers (2 CTAs of 4 warps, the fewest
+    instructions an element: per-tile work is shared by more elements a thread) or 8 warps capped at 128
+    (2 CTAs of 8 warps); both spill a little in the ``div_rn`` branch only. (4 warps capped at 168 for 3
+    CTAs spills on the fast path; 16 warps capped at 64 spills and runs the most instructions.)"""
     shapes = [
         (32, 128, 4, None),
         (64, 128, 4, None),
         (128, 64, 4, None),
         (128, 64, 8, None),
         (128, 128, 4, None),
-        (128, 128, 4, 168),
         (128, 128, 8, 128),
     ]
     return [
@@ -350,15 +372,17 @@ def _quantize_tokens_kernel(
     BLOCK_COLS: tl.constexpr,
     PTX: tl.constexpr,
 ):
-    """One BLOCK_ROWS x BLOCK_COLS tile of the padded layout (program ids: row block, column block), read
-    once from x (M, C) through ``padded_to_row`` (padding rows read as 0).
+    """One BLOCK_ROWS x BLOCK_COLS tile of the padded layout, read once from x (M, C) through
+    ``padded_to_row`` (padding rows read as 0). A 1-D grid, column blocks fastest: consecutive CTAs read
+    neighbouring spans of the same rows.
 
     ROWWISE (BLOCK_COLS == 128): q (Mp, C) e4m3 and s (C/128, Mp) fp32. TOKEN_TILES (BLOCK_ROWS == 128): the
     flat K-major codes through their int32 view qt_words (C * Mp / 4,) and st (Mp/128, C) fp32. The tile is
     four sub-tiles of BLOCK_ROWS/4 rows, sub-tile a holding rows 4 b + a (module docstring).
     """
-    row_block = tl.program_id(0)
-    col_block = tl.program_id(1)
+    col_blocks = num_cols // BLOCK_COLS
+    row_block = tl.program_id(0) // col_blocks
+    col_block = tl.program_id(0) % col_blocks
     first = row_block * BLOCK_ROWS
     b = tl.arange(0, BLOCK_ROWS // 4)
     cols = col_block * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
@@ -431,9 +455,10 @@ def _weight_block(
 
 
 def _weight_configs() -> list[triton.Config]:
-    """Warps (and register cap) of the weight kernel, one 128x128 block a CTA: 4 warps (~255 registers with
-    the transposed output: 2 CTAs an SM), 8 (~128: 2 CTAs), 16 capped at 64 (2 CTAs)."""
-    return [triton.Config({}, num_warps=w, num_stages=1, maxnreg=m) for w, m in ((4, None), (8, None), (16, 64))]
+    """Warps of the weight kernel, one 128x128 block a CTA: 4 (~180 registers, the fewest instructions an
+    element) or 8 (128): two CTAs an SM either way. (16 warps need a cap of 64
+    registers for two CTAs and run ~1.8x the instructions of 4.)"""
+    return [triton.Config({}, num_warps=w, num_stages=1) for w in (4, 8)]
 
 
 @triton.autotune(configs=_weight_configs(), key=["N", "K", "TRANSPOSED"])
@@ -537,8 +562,8 @@ def quantize_tokens(
     st = x.new_empty((mp // BLOCK, cols), dtype=torch.float32) if token_tiles else None
     if mp and cols:
 
-        def grid(meta: dict) -> tuple[int, int]:
-            return (mp // meta["BLOCK_ROWS"], cols // meta["BLOCK_COLS"])
+        def grid(meta: dict) -> tuple[int]:
+            return ((mp // meta["BLOCK_ROWS"]) * (cols // meta["BLOCK_COLS"]),)
 
         _quantize_tokens_kernel[grid](
             x,
