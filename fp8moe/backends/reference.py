@@ -80,12 +80,11 @@ def reference_m_grouped(
     """The M-grouped GEMM of :class:`~fp8moe.backends.base.MGroupedGemm`, dequantized, fp32 per group
     (``padded=True``: (Mp, N) in the padded layout, every row outside the groups zero)."""
     with torch.autocast(a.device.type, enabled=False):
-        ad = dequantize_rowwise(a, sa.T)
-        bd = dequantize_blockwise(b, sb)
         result = torch.zeros(plan.num_padded_rows + 1, b.shape[1], dtype=torch.float32, device=a.device)
         for g, (start, length) in enumerate(_groups(plan)):
-            if length:
-                result[start : start + length] = ad[start : start + length] @ bd[g].T
+            if length:  # only the groups' rows and weights are dequantized (Mp is a loose static bound)
+                rows = slice(start, start + length)
+                result[rows] = dequantize_rowwise(a[rows], sa[:, rows].T) @ dequantize_blockwise(b[g], sb[g]).T
         if padded:
             return into("out", out, result[:-1].to(out_dtype))
         y = result[plan.row_to_padded.long()]  # unrouted rows read the zero row past the layout
