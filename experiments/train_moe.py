@@ -121,7 +121,7 @@ def expert_gemms(precision: str, backend: str, device: torch.device) -> str:
     """What runs the expert GEMMs of a run (the fp8moe backend that "auto" resolves to on ``device``)."""
     if precision == "bf16":
         return "bf16"
-    return "fp8 " + select_backend(backend, device).backend.name
+    return "fp8 " + select_backend(backend, device)[0].name
 
 
 def jax_unavailable_reason() -> str | None:

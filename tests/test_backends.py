@@ -174,3 +174,26 @@ def test_auto_in_the_environment_variable_means_auto(monkeypatch):
     info = fp8moe.backend_info("cpu")
     assert info["auto"] == "reference" and info["reason"].startswith("auto on cpu")
     assert select_backend("auto", torch.device("cpu"))[0].name == "reference"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_m_grouped_padded_output_keeps_the_padded_layout(dtype):
+    """padded=True returns (Mp, N) with the groups' rows where the plan put them and zero elsewhere."""
+    from fp8moe.backends import load_backend
+    from fp8moe.testing import random_problem
+
+    backend = load_backend("reference")
+    x, w, offsets, _ = random_problem(3, m=300, n=128, k=256, e=4, routing={"empty_groups": 1, "tail_rows": 7})
+    plan = fp8moe.plan_groups(offsets, x.shape[0])
+    wq, sw, _, _ = backend.quantize_weight(w, False)
+    xq, sx = backend.quantizer.tokens(x, plan, True, False)
+    y = backend.m_grouped(xq, sx, wq, sw, plan, dtype, None)
+    yp = backend.m_grouped(xq, sx, wq, sw, plan, dtype, None, padded=True)
+    assert yp.shape == (plan.num_padded_rows, 128) and yp.dtype == dtype
+    routed = plan.row_to_padded[: int(offsets[-1])].long()
+    assert torch.equal(yp[routed], y[: int(offsets[-1])])
+    outside = torch.ones(plan.num_padded_rows, dtype=torch.bool)
+    outside[routed] = False
+    assert not yp[outside].any()
+    out = torch.full_like(yp, float("nan"))
+    assert backend.m_grouped(xq, sx, wq, sw, plan, dtype, out, padded=True) is out and torch.equal(out, yp)

@@ -113,6 +113,17 @@ def interpreter_checks() -> None:
             db = sqnr_db(want, got)
             assert db >= 40, f"{key} {name}: {db:.1f} dB against the reference backend"
         assert not y[190:].any() and not dx[190:].any() and not dw[0].any()
+        # padded=True: the same rows, left in the padded layout (what the fused MoE block reads)
+        xq, sx = backend.quantizer.tokens(x, plan, True, False)
+        routed = plan.row_to_padded[:190].long()
+        for dtype in (torch.float32, torch.bfloat16):
+            yp = backend.m_grouped(xq, sx, wq, sw, plan, dtype, None, padded=True)
+            assert yp.shape == (plan.num_padded_rows, n) and yp.dtype == dtype
+            # against the same kernel's unpadded output (the interpreter's fp32 -> bf16 cast is not torch's)
+            assert torch.equal(yp[routed], backend.m_grouped(xq, sx, wq, sw, plan, dtype, None)[:190]), key
+            yp_out = torch.full_like(yp, math.nan)
+            assert backend.m_grouped(xq, sx, wq, sw, plan, dtype, yp_out, padded=True) is yp_out
+            assert torch.equal(yp_out[routed], yp[routed])
         # the same bits into caller buffers (fp32 and bf16 y), a backward without dgrad, fp32 accumulation
         y_out, dw_out = torch.full_like(y, math.nan), torch.full_like(dw, math.nan).bfloat16()
         got, xt, sxt = backend.forward(x, wq, sw, plan, torch.float32, token_tiles=True, out=y_out)

@@ -55,9 +55,16 @@ class MGroupedGemm(Protocol):
         plan: GroupLayout,
         out_dtype: torch.dtype,
         out: Tensor | None,
+        padded: bool = False,
     ) -> Tensor:
         """a rows (Mp, K) @ b[g] (N, K)^T per group -> (M, N) ``out_dtype`` in unpadded order (into ``out``
-        when given); rows at or past ``offsets[-1]`` are zero."""
+        when given); rows at or past ``offsets[-1]`` are zero.
+
+        ``padded=True``: the result stays in the 128-row-padded layout of ``a``, (Mp, N) ``out_dtype`` (into
+        ``out`` of that shape when given), with no unpadding pass: the rows of the plan's groups hold the
+        products, every other row (padding between groups, the tail past the last group) is unspecified
+        (zero on the reference backend, garbage elsewhere) and must not be read. This is how the fused MoE
+        block keeps its activations padded between its GEMMs."""
 
 
 # wgrad(a, sa, b, sb, out_dtype, out, accumulate) -> (E, N, K): a, b token tiles of dy and x

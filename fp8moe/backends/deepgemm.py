@@ -2,8 +2,9 @@
 
 - M-grouped (forward, dgrad): ``m_grouped_fp8_gemm_nt_contiguous`` on the 128-row-padded layout (the
   plan's ``row_expert``, -1 on padding rows), fp32 scales, output bf16 in the padded layout, unpadded by one
-  gather (rows past ``offsets[-1]`` read an extra zero row). dgrad runs the same NT kernel on the
-  transposed weight operand (SM90 rejects FP8 operands that are not K-major, so the NN variant cannot).
+  gather (rows past ``offsets[-1]`` read an extra zero row), or returned padded (``padded=True``). dgrad
+  runs the same NT kernel on the transposed weight operand (SM90 rejects FP8 operands that are not K-major,
+  so the NN variant cannot).
 - K-grouped (wgrad): ``k_grouped_fp8_gemm_nt_contiguous`` on the flat per-group token tiles, accumulating
   in place into an fp32 (E, N, K) buffer (``c`` is ``d``): a zeroed one, or the caller's fp32
   gradient-accumulation buffer with no zeroing. It needs the padded group sizes as a host list: the one
@@ -44,11 +45,29 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 
 def deepgemm_m_grouped(
-    a: Tensor, sa: Tensor, b: Tensor, sb: Tensor, plan: GroupLayout, out_dtype: torch.dtype, out: Tensor | None
+    a: Tensor,
+    sa: Tensor,
+    b: Tensor,
+    sb: Tensor,
+    plan: GroupLayout,
+    out_dtype: torch.dtype,
+    out: Tensor | None,
+    padded: bool = False,
 ) -> Tensor:
     """a (Mp, K) e4m3 with sa (K/128, Mp), b (E, N, K) e4m3 with sb (E, N/128, K/128) -> (M, N) out_dtype
-    (into ``out`` when given). DeepGEMM writes bf16; other dtypes take one conversion after the gather."""
+    (into ``out`` when given). DeepGEMM writes bf16; other dtypes take one conversion after the gather.
+    ``padded=True``: DeepGEMM's own padded (Mp, N) result, no gather (rows of all-padding blocks unwritten)."""
     n = b.shape[1]
+    if padded:
+        shape = (plan.num_padded_rows, n)
+        if out is not None and out_dtype == torch.bfloat16:
+            d = check_out("out", out, shape, out_dtype, a.device)
+        else:
+            d = torch.empty(shape, dtype=torch.bfloat16, device=a.device)
+        deep_gemm.m_grouped_fp8_gemm_nt_contiguous(
+            (a, sa.T), (b, sb), d, plan.row_expert, recipe_a=(1, 128), recipe_b=(128, 128), disable_ue8m0_cast=True
+        )
+        return d if d.dtype == out_dtype else into("out", out, d.to(out_dtype))
     padded = torch.empty(plan.num_padded_rows + 1, n, dtype=torch.bfloat16, device=a.device)
     padded[-1].zero_()
     deep_gemm.m_grouped_fp8_gemm_nt_contiguous(

@@ -68,17 +68,26 @@ class ReferenceQuantizer:
 
 
 def reference_m_grouped(
-    a: Tensor, sa: Tensor, b: Tensor, sb: Tensor, plan: GroupLayout, out_dtype: torch.dtype, out: Tensor | None
+    a: Tensor,
+    sa: Tensor,
+    b: Tensor,
+    sb: Tensor,
+    plan: GroupLayout,
+    out_dtype: torch.dtype,
+    out: Tensor | None,
+    padded: bool = False,
 ) -> Tensor:
-    """The M-grouped GEMM of :class:`~fp8moe.backends.base.MGroupedGemm`, dequantized, fp32 per group."""
+    """The M-grouped GEMM of :class:`~fp8moe.backends.base.MGroupedGemm`, dequantized, fp32 per group
+    (``padded=True``: (Mp, N) in the padded layout, every row outside the groups zero)."""
     with torch.autocast(a.device.type, enabled=False):
-        ad = dequantize_rowwise(a, sa.T)
-        bd = dequantize_blockwise(b, sb)
-        padded = torch.zeros(plan.num_padded_rows + 1, b.shape[1], dtype=torch.float32, device=a.device)
+        result = torch.zeros(plan.num_padded_rows + 1, b.shape[1], dtype=torch.float32, device=a.device)
         for g, (start, length) in enumerate(_groups(plan)):
-            if length:
-                padded[start : start + length] = ad[start : start + length] @ bd[g].T
-        y = padded[plan.row_to_padded.long()]  # unrouted rows read the zero row past the layout
+            if length:  # only the groups' rows and weights are dequantized (Mp is a loose static bound)
+                rows = slice(start, start + length)
+                result[rows] = dequantize_rowwise(a[rows], sa[:, rows].T) @ dequantize_blockwise(b[g], sb[g]).T
+        if padded:
+            return into("out", out, result[:-1].to(out_dtype))
+        y = result[plan.row_to_padded.long()]  # unrouted rows read the zero row past the layout
     return into("out", out, y.to(out_dtype))
 
 

@@ -3,7 +3,8 @@ nothing but Triton and a Hopper-class GPU.
 
 - quantizer: one read of x (dy) writes its 1x128 rows in the padded layout and its 128x1 token tiles;
   one read of w writes both weight operands;
-- M-grouped GEMM (forward, dgrad): results written straight to the unpadded rows;
+- M-grouped GEMM (forward, dgrad): results written straight to the unpadded rows (or, ``padded=True``,
+  kept in the padded layout);
 - K-grouped GEMM (wgrad): dw written once in its final dtype, or added into an fp32 buffer.
 Nothing reads device memory on the host, so the whole forward and backward are CUDA-graph capturable
 (once the kernels are compiled and autotuned by an eager call).
@@ -34,9 +35,16 @@ class TritonQuantizer:
 
 
 def triton_m_grouped(
-    a: Tensor, sa: Tensor, b: Tensor, sb: Tensor, plan: GroupLayout, out_dtype: torch.dtype, out: Tensor | None
+    a: Tensor,
+    sa: Tensor,
+    b: Tensor,
+    sb: Tensor,
+    plan: GroupLayout,
+    out_dtype: torch.dtype,
+    out: Tensor | None,
+    padded: bool = False,
 ) -> Tensor:
-    return m_grouped_gemm(a, sa, b, sb, plan, out_dtype, out)
+    return m_grouped_gemm(a, sa, b, sb, plan, out_dtype, out, padded=padded)
 
 
 class TritonKGrouped:

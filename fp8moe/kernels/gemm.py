@@ -7,7 +7,8 @@ scales to the partial product before adding it to an fp32 accumulator:
 - :func:`m_grouped_gemm`: ``y[rows of g] = a[rows of g] @ b[g].T``, ``a`` in the 128-row-padded grouped
   layout with 1x128 scales, ``b`` with 128x128 block scales. Each output tile takes its expert from the
   first row of its 128-row block (``layout.row_expert``) and is skipped when that row is padding; results
-  go straight to the unpadded rows (``layout.padded_to_row``), and rows past ``offsets[-1]`` are zeroed.
+  go straight to the unpadded rows (``layout.padded_to_row``), and rows past ``offsets[-1]`` are zeroed;
+  or (``padded=True``) stay in the padded layout, for the fused MoE block.
 - :func:`k_grouped_gemm`: ``d[g] = a_g @ b_g.T`` contracting over expert g's padded tokens, both operands
   in the flat per-group token-tile layout of :mod:`fp8moe.kernels.quantize` with 128x1 scales; ``d`` is
   written once, in its final dtype (no fp32 (E, N, K) temporary), or added into (``accumulate``: an fp32
@@ -58,7 +59,7 @@ def _tile_coords(tile, num_m, num_n, GROUP_M: tl.constexpr):
     return first_m + within % band_m, within // band_m
 
 
-@triton.autotune(configs=_configs(_set_descriptor_blocks), key=["N", "K"])
+@triton.autotune(configs=_configs(_set_descriptor_blocks), key=["N", "K", "PADDED"])
 @triton.jit
 def _m_grouped_kernel(
     a_desc,
@@ -72,11 +73,14 @@ def _m_grouped_kernel(
     num_padded_rows,
     N,
     K,
+    PADDED: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """y (M, N) <- a (Mp, K) @ b[expert] (N, K)^T per BLOCK_M x BLOCK_N tile (see m_grouped_gemm)."""
+    """y (M, N) <- a (Mp, K) @ b[expert] (N, K)^T per BLOCK_M x BLOCK_N tile (see m_grouped_gemm); with
+    PADDED, y (Mp, N) takes the tile's rows where they are (padding rows of a tile with valid rows get the
+    product of a's zero rows)."""
     BLOCK_K: tl.constexpr = 128
     pid_m, pid_n = _tile_coords(tl.program_id(0), num_padded_rows // BLOCK_M, N // BLOCK_N, GROUP_M)
     m0 = pid_m * BLOCK_M
@@ -94,7 +98,10 @@ def _m_grouped_kernel(
             b = b_desc.load([b_row, kb * BLOCK_K])
             scale = tl.load(sa_ptrs + kb * num_padded_rows) * tl.load(sb_ptrs + kb)
             acc += tl.dot(a, b.T) * scale[:, None]
-        rows = tl.load(padded_to_row_ptr + m0 + tl.arange(0, BLOCK_M))
+        if PADDED:
+            rows = m0 + tl.arange(0, BLOCK_M)
+        else:
+            rows = tl.load(padded_to_row_ptr + m0 + tl.arange(0, BLOCK_M))
         cols = n0 + tl.arange(0, BLOCK_N)
         y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_y + cols[None, :]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=rows[:, None] >= 0)
@@ -186,7 +193,15 @@ def _check_scales(name: str, t: Tensor, shape: tuple[int, ...]) -> None:
 
 
 def m_grouped_gemm(
-    a: Tensor, sa: Tensor, b: Tensor, sb: Tensor, layout: GroupLayout, out_dtype: torch.dtype, out: Tensor | None = None
+    a: Tensor,
+    sa: Tensor,
+    b: Tensor,
+    sb: Tensor,
+    layout: GroupLayout,
+    out_dtype: torch.dtype,
+    out: Tensor | None = None,
+    *,
+    padded: bool = False,
 ) -> Tensor:
     """M-grouped NT GEMM: ``y[rows of g] = dequant(a, sa)[padded rows of g] @ dequant(b[g], sb[g]).T``.
 
@@ -197,11 +212,14 @@ def m_grouped_gemm(
         sb: (E, N/128, K/128) fp32 contiguous, 128x128 block scales of ``b``.
         layout: the group plan ``a`` was quantized with.
         out_dtype: dtype of the result.
-        out: optional contiguous (M, N) ``out_dtype`` buffer to write the result into.
+        out: optional contiguous (M, N) ``out_dtype`` buffer to write the result into ((Mp, N) when
+            ``padded``).
+        padded: keep the result in the padded layout of ``a``: (Mp, N), the groups' rows hold the products,
+            the other rows are unspecified (tiles that are all padding are not written).
 
     Returns:
         y: (M, N) ``out_dtype`` in unpadded row order (``out`` when given); rows at or past
-        ``offsets[-1]`` are zero.
+        ``offsets[-1]`` are zero. With ``padded``: (Mp, N) as above.
     """
     mp, k = layout.num_padded_rows, a.shape[-1]
     e, n = b.shape[0], b.shape[1]
@@ -209,10 +227,11 @@ def m_grouped_gemm(
     _check_scales("sa", sa, (k // BLOCK, mp))
     _check_fp8("b", b, (layout.num_groups, n, k))
     _check_scales("sb", sb, (e, n // BLOCK, k // BLOCK))
+    rows = mp if padded else layout.num_rows
     if out is None:
-        y = torch.empty(layout.num_rows, n, dtype=out_dtype, device=a.device)
+        y = torch.empty(rows, n, dtype=out_dtype, device=a.device)
     else:
-        y = check_out("out", out, (layout.num_rows, n), out_dtype, a.device)
+        y = check_out("out", out, (rows, n), out_dtype, a.device)
     if y.numel() == 0:
         return y
     if k == 0:
@@ -223,7 +242,11 @@ def m_grouped_gemm(
     def grid(meta: dict) -> tuple[int]:
         return ((mp // meta["BLOCK_M"]) * (n // meta["BLOCK_N"]),)
 
-    _m_grouped_kernel[grid](a_desc, sa, b_desc, sb, y, y.stride(0), layout.padded_to_row, layout.row_expert, mp, n, k)
+    _m_grouped_kernel[grid](
+        a_desc, sa, b_desc, sb, y, y.stride(0), layout.padded_to_row, layout.row_expert, mp, n, k, PADDED=padded
+    )
+    if padded:
+        return y
     _zero_unrouted_rows_kernel[(triton.cdiv(layout.num_rows, 64),)](
         y, y.stride(0), layout.offsets, layout.num_groups, layout.num_rows, n, BLOCK_M=64, BLOCK_N=BLOCK, num_warps=4
     )

@@ -1,9 +1,13 @@
-"""A Mixture-of-Experts feed-forward layer (top-k softmax router, SwiGLU experts) on grouped GEMMs.
+"""A Mixture-of-Experts feed-forward layer (top-k softmax or sigmoid router, SwiGLU experts) on grouped GEMMs.
 
 ``MoE(d_model, d_ff, num_experts, top_k, precision="fp8" | "bf16")`` runs its two expert GEMMs (the fused
 gate/up projection and the down projection) through :func:`fp8moe.grouped_mm` (blockwise FP8) or through
 ``torch._grouped_mm`` in bf16, so the same model trains both ways. Everything else (router, permutation,
 SwiGLU, un-permutation) is identical in both precisions. The JAX twin is ``jax_bridge.moe.moe_layer``.
+
+``fused=True`` runs the experts as one fused block instead (:func:`fp8moe.moe.fused_experts`: dispatch
+straight into the padded GEMM layout, the activations kept padded between the GEMMs, combine read from the
+padded rows), in either precision with the same routing, dispatch, SwiGLU and combine code.
 
 Routing, for T tokens and E experts:
 - ``logits = x @ router.T`` in fp32, ``probs = softmax(logits)``; each token picks its ``top_k`` experts
@@ -17,7 +21,6 @@ Routing, for T tokens and E experts:
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -25,44 +28,9 @@ from torch import Tensor, nn
 
 from fp8moe.autograd import grouped_mm
 from fp8moe.backends import BACKEND_NAMES
+from fp8moe.moe.fused import PRECISIONS, fused_experts
+from fp8moe.moe.routing import SCORES, plan_routing, route
 from fp8moe.recipe import BLOCK
-
-PRECISIONS = ("bf16", "fp8")
-
-
-class Routing(NamedTuple):
-    """Where each token goes, for T tokens, E experts and k = top_k (all on the tokens' device).
-
-    Attributes:
-        order: (T*k,) int64, the flat assignment (``token * k + slot``) at each expert-sorted position.
-        offsets: (E,) int32 cumulative end of each expert's group in the sorted order.
-        combine: (T, k) fp32 combine weights (each row sums to 1).
-        experts: (T, k) int64 chosen experts, in decreasing probability.
-        aux_loss: () fp32 load-balancing loss ``E * sum_e f_e * P_e``.
-    """
-
-    order: Tensor
-    offsets: Tensor
-    combine: Tensor
-    experts: Tensor
-    aux_loss: Tensor
-
-
-def route(x: Tensor, router_weight: Tensor, top_k: int) -> Routing:
-    """Top-k softmax routing of x (T, D) by router_weight (E, D); the logits are computed in fp32."""
-    num_experts = router_weight.shape[0]
-    with torch.autocast(x.device.type, enabled=False):
-        logits = x.float() @ router_weight.float().T
-    probs = logits.softmax(dim=-1)  # (T, E)
-    topk_probs, experts = probs.topk(top_k, dim=-1)
-    combine = topk_probs / topk_probs.sum(dim=-1, keepdim=True)
-    flat = experts.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
-    offsets = torch.cumsum(counts, 0).to(torch.int32)
-    fraction = counts.float() / flat.numel()
-    aux_loss = num_experts * (fraction * probs.mean(dim=0)).sum()
-    return Routing(order, offsets, combine, experts, aux_loss)
 
 
 class MoE(nn.Module):
@@ -78,6 +46,11 @@ class MoE(nn.Module):
         precision: "fp8" (:func:`fp8moe.grouped_mm`, blockwise FP8 with fp32 master weights) or "bf16"
             (``torch._grouped_mm`` on the weights cast to bf16).
         backend: fp8moe backend for ``precision="fp8"`` ("auto", "reference", "triton", "deepgemm").
+        fused: run the experts as one fused block (:func:`fp8moe.moe.fused_experts`; y accumulated in fp32
+            and returned in x's dtype) instead of two ``grouped_mm`` calls with bf16 activations between
+            them and a bf16 combine.
+        score: the router, "softmax" (top-k of the softmax) or "sigmoid" (DeepSeek-V3: top-k of sigmoid
+            scores plus the ``expert_bias`` buffer, which only selects; see :meth:`update_expert_bias`).
 
     Parameters: ``router.weight`` (E, D), ``w_gate_up`` (E, 2F, D) (rows [:F] gate, [F:] up), ``w_down``
     (E, D, F), fp32, initialised N(0, 1/fan_in) (router N(0, 0.02^2)).
@@ -92,6 +65,8 @@ class MoE(nn.Module):
         *,
         precision: str = "fp8",
         backend: str = "auto",
+        fused: bool = False,
+        score: str = "softmax",
     ) -> None:
         super().__init__()
         for name, value in (("d_model", d_model), ("d_ff", d_ff)):
@@ -105,9 +80,16 @@ class MoE(nn.Module):
             raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
         if backend not in BACKEND_NAMES:
             raise ValueError(f"backend: expected one of {BACKEND_NAMES}, got {backend!r}")
+        if not isinstance(fused, bool):
+            raise TypeError(f"fused: expected a bool, got {type(fused).__name__}")
+        if score not in SCORES:
+            raise ValueError(f"score: expected one of {SCORES}, got {score!r}")
         self.d_model, self.d_ff, self.num_experts, self.top_k = d_model, d_ff, num_experts, top_k
-        self.precision, self.backend = precision, backend
+        self.precision, self.backend, self.fused, self.score = precision, backend, fused, score
         self.router = nn.Linear(d_model, num_experts, bias=False)
+        # DeepSeek-V3's auxiliary-loss-free balancing: a selection bias per expert, outside the gradient
+        self.register_buffer("expert_bias", torch.zeros(num_experts) if score == "sigmoid" else None)
+        self.last_expert_counts: Tensor | None = None
         self.w_gate_up = nn.Parameter(torch.empty(num_experts, 2 * d_ff, d_model))
         self.w_down = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
         self.reset_parameters()
@@ -120,8 +102,18 @@ class MoE(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"d_model={self.d_model}, d_ff={self.d_ff}, num_experts={self.num_experts}, top_k={self.top_k}, "
-            f"precision={self.precision!r}, backend={self.backend!r}"
+            f"precision={self.precision!r}, backend={self.backend!r}, fused={self.fused}, score={self.score!r}"
         )
+
+    @torch.no_grad()
+    def update_expert_bias(self, rate: float = 1e-3) -> None:
+        """Auxiliary-loss-free balancing step (``score="sigmoid"``): ``bias_e += rate * sign(mean - count_e)``
+        from the expert counts of the last training forward (call it once per optimizer step)."""
+        if self.expert_bias is None:
+            raise ValueError("score: update_expert_bias needs score='sigmoid'")
+        if self.last_expert_counts is not None:
+            counts = self.last_expert_counts.float()
+            self.expert_bias += rate * torch.sign(counts.mean() - counts)
 
     def _expert_mm(self, x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
         """Grouped GEMM ``x[rows of e] @ w[e].T`` in this layer's precision: x (M, K) bf16 -> (M, N) bf16."""
@@ -135,7 +127,22 @@ class MoE(nn.Module):
             raise ValueError(f"x: expected last dimension d_model = {self.d_model}, got shape {tuple(x.shape)}")
         tokens = x.reshape(-1, self.d_model)
         num_tokens, k = tokens.shape[0], self.top_k
-        routing = route(tokens, self.router.weight, k)
+        routing = route(tokens, self.router.weight, k, score=self.score, bias=self.expert_bias)
+        if self.training and self.expert_bias is not None:
+            self.last_expert_counts = torch.diff(routing.offsets, prepend=routing.offsets.new_zeros(1)).detach()
+        if self.fused:
+            plan = plan_routing(routing.experts, self.num_experts, order=routing.order, offsets=routing.offsets)
+            y = fused_experts(
+                tokens,
+                self.w_gate_up,
+                self.w_down,
+                routing.experts,
+                routing.combine,
+                backend=self.backend,
+                precision=self.precision,
+                plan=plan,
+            )
+            return y.reshape(x.shape), routing.aux_loss
         # Gather from the flat (T*k, D) assignment list: unique indices, so the backward is deterministic.
         assignments = tokens.to(torch.bfloat16).unsqueeze(1).expand(-1, k, -1).reshape(num_tokens * k, -1)
         sorted_x = assignments.index_select(0, routing.order)
