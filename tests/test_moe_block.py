@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from recipe64 import fq_blocks, fq_rows, fq_token_tiles
 
 from fp8moe.backends.reference import ReferenceQuantizer
 from fp8moe.moe import MoE, fused_experts, pieces, plan_routing, route
 from fp8moe.plan import plan_groups
-from fp8moe.testing import sqnr_db
+from fp8moe.testing import fq_blocks, fq_rows, fq_token_tiles, sqnr_db
 
 D, FF = 128, 128
 
@@ -45,7 +44,7 @@ def run(x, w1, w2, ids, c, dy, precision="fp8", backend="reference"):
 
 def block64(x, w1, w2, ids, c, dy, fp8=True):
     """The block in float64 per expert, with the fused block's roundings: FP8 operands (the independent
-    recipe of tests/recipe64) or bf16 operands, bf16 GEMM outputs (h, out, da, dxs), everything else exact.
+    recipe of fp8moe.testing) or bf16 operands, bf16 GEMM outputs (h, out, da, dxs), everything else exact.
     Token tiles group each expert's assignments in the stable (token, slot) order the plan uses."""
     t, k = ids.shape
     e_count, f = w2.shape[0], w2.shape[2]
