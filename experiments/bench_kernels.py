@@ -1,24 +1,22 @@
-"""Micro-benchmark of the quantization kernels, old (fp8moe.quant.triton) and new (fp8moe.kernels.quantize).
+"""Micro-benchmark of the quantization kernels (fp8moe.kernels.quantize), checked bit-exact on the same GPU.
 
 In one run, on one GPU, bf16 inputs unless a row says fp32:
 - tokens, balanced routing over 8 experts: x (32768, 7168) and dy (32768, 2048), each quantized rowwise
   only (the M-grouped GEMM's operand), token tiles only (the wgrad's) and both from one read;
 - weights (8, 2048, 7168) and (8, 7168, 2048), bf16 and fp32, with and without the transposed layout
-  (fp32 + transposed twice for the new kernel: the default transposed-copy path, and the single-read
-  kernel with ``FP32_WEIGHT_SINGLE_READ`` on).
+  (fp32 + transposed twice: the single-read kernel, the default, and the transposed-copy path with
+  ``FP32_WEIGHT_SINGLE_READ`` off).
 Per case: the median ms of one call, timed by CUDA events around each call (no L2 flush in front; the
 inputs rotate over three copies, each larger than L2), GB/s counting the bytes read (the input, once) and
 written (every output), and % of a device-to-device copy of as many bytes (read + write) timed the same
-way in the same run. Then a bit-exactness check of every new output against the old kernel's on the same
-input (codes and scales compared as bits; mismatches printed), which is how the fp32 single-read weight
-path is validated before ``FP32_WEIGHT_SINGLE_READ`` is switched on.
+way in the same run. Then a bit-exactness check of every output against the reference recipe on the same
+input and GPU (``ReferenceQuantizer().tokens`` / ``fp8moe.quant.reference.quantize_blockwise``, which
+divide tensor by tensor: the IEEE quotient on the GPU too; codes and scales compared as bits, mismatches
+printed), and, per token tensor, two single-layout kernels (rowwise + token tiles) against one
+both-layout kernel. The kernels autotune over their own configs, and every config's time is reported
+where a case ran the autotuner.
 
-The old kernels are timed at the configs their autotuners picked on the H100 (the token kernel's tile
-shape per mode, the weight kernel's 16 warps), so that the run, compilation included, stays under 90 s;
-``--full-autotune-old`` restores their whole config lists. The new kernels autotune over their own configs,
-and every config's time is reported where a case ran the autotuner.
-
-    python experiments/bench_kernels.py [--out DIR] [--iters N] [--full-autotune-old]
+    python experiments/bench_kernels.py [--out DIR] [--iters N]
 
 Writes DIR/bench_kernels.md and DIR/bench_kernels.json. Without CUDA it prints one line and exits 0.
 """
@@ -41,9 +39,6 @@ EXPERTS = 8
 TOKEN_SHAPES = {"x": (32768, 7168), "dy": (32768, 2048)}
 WEIGHT_SHAPES = ((8, 2048, 7168), (8, 7168, 2048))
 TOKEN_MODES = {"rowwise": (True, False), "tiles": (False, True), "both": (True, True)}
-# The old kernels' H100 autotune picks (experiments/results/bench_kernels.md of 2026-11-26).
-OLD_TOKEN_PICKS = {(32, 128, 4), (128, 64, 4), (128, 128, 8)}
-OLD_WEIGHT_WARPS = 16
 
 
 @dataclass
@@ -65,6 +60,7 @@ class Report:
     versions: dict
     rows: list[Row] = field(default_factory=list)
     exactness: list[dict] = field(default_factory=list)
+    split_vs_both: list[dict] = field(default_factory=list)
     autotuned: dict = field(default_factory=dict)
     tuning: dict = field(default_factory=dict)
     seconds: float = 0.0
@@ -108,10 +104,12 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.element_size() == 1 else t.view(torch.int32)
 
 
-def compare(name: str, new: tuple, old: tuple) -> dict:
-    """Bitwise comparison of two output tuples; prints and returns the mismatches."""
+def compare(name: str, new: tuple, ref: tuple) -> dict:
+    """Bitwise comparison of the kernel's outputs with the reference's; prints and returns the mismatches."""
     result = {"case": name, "outputs": []}
-    for i, (a, b) in enumerate(zip(new, old)):
+    if len(new) != len(ref):
+        result["outputs"].append({"mismatch": f"{len(new)} outputs vs {len(ref)}"})
+    for i, (a, b) in enumerate(zip(new, ref)):
         entry = {"output": i, "shape": list(a.shape), "dtype": str(a.dtype)}
         if a.shape != b.shape or a.dtype != b.dtype:
             entry["mismatch"] = f"shape/dtype {tuple(a.shape)} {a.dtype} vs {tuple(b.shape)} {b.dtype}"
@@ -120,7 +118,7 @@ def compare(name: str, new: tuple, old: tuple) -> dict:
             entry["mismatches"] = int(bad.shape[0])
             if bad.numel():
                 at = tuple(bad[0].tolist())
-                entry["first"] = {"index": list(at), "new": int(bits(a)[at]), "old": int(bits(b)[at])}
+                entry["first"] = {"index": list(at), "kernel": int(bits(a)[at]), "reference": int(bits(b)[at])}
         result["outputs"].append(entry)
     bad = [e for e in result["outputs"] if e.get("mismatches", 1)]
     result["bit_exact"] = not bad
@@ -144,67 +142,80 @@ def short(config) -> str:
     return f"{kw} w{config.num_warps}" + (f" maxnreg={config.maxnreg}" if getattr(config, "maxnreg", None) else "")
 
 
-def run_tokens(report: Report, ceiling: CopyCeiling, args, tq, kq) -> None:
+def run_tokens(report: Report, ceiling: CopyCeiling, args, kq) -> None:
+    from fp8moe.backends.reference import ReferenceQuantizer
     from fp8moe.plan import plan_groups
 
     for tensor, (m, c) in TOKEN_SHAPES.items():
         offsets = (torch.arange(1, EXPERTS + 1, dtype=torch.int32) * (m // EXPERTS)).cuda()
         layout = plan_groups(offsets, m)
         xs = [torch.randn(m, c, device="cuda", dtype=torch.bfloat16) for _ in range(COPIES)]
+        times = {}
         for mode, (rowwise, tiles) in TOKEN_MODES.items():
-            old_fn = {"rowwise": tq.quantize_rows_padded, "tiles": tq.quantize_token_tiles}.get(
-                mode, tq.quantize_grad_output
-            )
-            impls = {
-                "old": lambda x, f=old_fn: f(x, layout),
-                "new": lambda x, r=rowwise, t=tiles: kq.quantize_tokens(x, layout, rowwise=r, token_tiles=t),
-            }
             case = f"{tensor} {tuple(xs[0].shape)} bf16, {mode}"
-            outs = {}
-            for impl, fn in impls.items():
-                tuner = (tq if impl == "old" else kq)._quantize_tokens_kernel
-                first = xs[0]
-                outs[impl] = tuned(report, f"{case} [{impl}]", tuner, lambda: fn(first))  # compile and autotune
-                moved = nbytes(xs[0], *outs[impl])
-                ms = median_ms(lambda i, fn=fn, xs=xs: fn(xs[i % COPIES]), args.iters, args.warmup)
-                add_row(report, ceiling, case, impl, ms, moved)
-            report.exactness.append(compare(case, outs["new"], outs["old"]))
-            del outs
+
+            def fn(x, r=rowwise, t=tiles):
+                return kq.quantize_tokens(x, layout, rowwise=r, token_tiles=t)
+
+            first = xs[0]
+            out = tuned(report, case, kq._quantize_tokens_kernel, lambda: fn(first))  # compile and autotune
+            moved = nbytes(xs[0], *out)
+            ms = median_ms(lambda i, xs=xs: fn(xs[i % COPIES]), args.iters, args.warmup)
+            times[mode] = ms
+            add_row(report, ceiling, case, "new", ms, moved)
+            report.exactness.append(compare(case, out, ReferenceQuantizer().tokens(first, layout, rowwise, tiles)))
+            del out
+            torch.cuda.empty_cache()
+        split = times["rowwise"] + times["tiles"]
+        report.split_vs_both.append({"tensor": tensor, "split_ms": split, "both_ms": times["both"]})
         del xs
         torch.cuda.empty_cache()
 
 
-def run_weights(report: Report, ceiling: CopyCeiling, args, tq, kq) -> None:
+def run_weights(report: Report, ceiling: CopyCeiling, args, kq) -> None:
+    from fp8moe.quant.reference import quantize_blockwise
+
     for shape in WEIGHT_SHAPES:
         for dtype in (torch.bfloat16, torch.float32):
             ws = [torch.randn(shape, device="cuda", dtype=dtype) / 64 for _ in range(COPIES)]
+            wq, sw = quantize_blockwise(ws[0])
             for transposed in (False, True):
-                impls = {"old": (tq.quantize_weight, None), "new": (kq.quantize_weight, None)}
+                impls = {"new": None}
                 if dtype == torch.float32 and transposed:
-                    impls["new, fp32 single read"] = (kq.quantize_weight, True)
+                    impls = {"new, fp32 single read": True, "new, fp32 transposed copy": False}
                 name = "bf16" if dtype == torch.bfloat16 else "fp32"
                 case = f"w {shape} {name}, " + ("both layouts" if transposed else "(E,N,K) only")
-                outs = {}
-                for impl, (fn, single_read) in impls.items():
+                empty = (wq.new_empty(0), sw.new_empty(0))
+                ref = (
+                    wq,
+                    sw,
+                    *((wq.transpose(1, 2).contiguous(), sw.transpose(1, 2).contiguous()) if transposed else empty),
+                )
+                for impl, single_read in impls.items():
                     saved = kq.FP32_WEIGHT_SINGLE_READ
                     if single_read is not None:
                         kq.FP32_WEIGHT_SINGLE_READ = single_read
                     try:
-                        tuner = (tq if impl == "old" else kq)._quantize_weight_kernel
                         first = ws[0]
-                        outs[impl] = tuned(report, f"{case} [{impl}]", tuner, lambda: fn(first, transposed))
-                        moved = nbytes(ws[0], *outs[impl])
+                        out = tuned(
+                            report,
+                            f"{case} [{impl}]",
+                            kq._quantize_weight_kernel,
+                            lambda: kq.quantize_weight(first, transposed),
+                        )
+                        moved = nbytes(ws[0], *out)
                         ms = median_ms(
-                            lambda i, fn=fn, ws=ws, t=transposed: fn(ws[i % COPIES], t), args.iters, args.warmup
+                            lambda i, ws=ws, t=transposed: kq.quantize_weight(ws[i % COPIES], t),
+                            args.iters,
+                            args.warmup,
                         )
                     finally:
                         kq.FP32_WEIGHT_SINGLE_READ = saved
                     add_row(report, ceiling, case, impl, ms, moved)
-                for impl in impls:
-                    if impl != "old":
-                        report.exactness.append(compare(f"{case} [{impl}]", outs[impl], outs["old"]))
-                del outs
-            del ws
+                    report.exactness.append(compare(f"{case} [{impl}]", out, ref))
+                    del out
+                del ref
+            del ws, wq, sw
             torch.cuda.empty_cache()
 
 
@@ -215,13 +226,11 @@ def add_row(report: Report, ceiling: CopyCeiling, case: str, impl: str, ms: floa
     print(f"{case:44s} {impl:24s} {ms:7.3f} ms {row.gbps:6.0f} GB/s {row.percent_of_copy:4.0f}% of copy", flush=True)
 
 
-def autotuned(tq, kq) -> dict:
+def autotuned(kq) -> dict:
     """The config each autotuned kernel picked, per autotune key."""
     tuners = {
-        "old _quantize_tokens_kernel": tq._quantize_tokens_kernel,
-        "old _quantize_weight_kernel": tq._quantize_weight_kernel,
-        "new _quantize_tokens_kernel": kq._quantize_tokens_kernel,
-        "new _quantize_weight_kernel": kq._quantize_weight_kernel,
+        "_quantize_tokens_kernel": kq._quantize_tokens_kernel,
+        "_quantize_weight_kernel": kq._quantize_weight_kernel,
     }
     return {name: {str(key): short(config) for key, config in t.cache.items()} for name, t in tuners.items()}
 
@@ -241,7 +250,14 @@ def markdown(report: Report) -> str:
         lines.append(
             f"| {r.case} | {r.impl} | {r.ms:.3f} | {r.gbps:.0f} | {r.copy_ms:.3f} | {r.percent_of_copy:.0f}% |"
         )
-    lines += ["", "## Bit-exactness of the new kernels against the old ones (same input, same device)", ""]
+    lines += ["", "## Two single-layout kernels (rowwise + token tiles) vs one both-layout kernel", ""]
+    for e in report.split_vs_both:
+        lines.append(f"- {e['tensor']}: {e['split_ms']:.3f} ms vs {e['both_ms']:.3f} ms")
+    if report.split_vs_both:
+        split = sum(e["split_ms"] for e in report.split_vs_both)
+        both = sum(e["both_ms"] for e in report.split_vs_both)
+        lines.append(f"- x+dy: two single-layout kernels {split:.3f} ms vs one both-layout kernel {both:.3f} ms")
+    lines += ["", "## Bit-exactness against the reference recipe (same input, same device)", ""]
     for e in report.exactness:
         verdict = "bit-exact" if e["bit_exact"] else "**MISMATCH** " + json.dumps(e["outputs"])
         lines.append(f"- {e['case']}: {verdict}")
@@ -260,7 +276,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("experiments/results"))
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--full-autotune-old", action="store_true", help="autotune the old token kernel fully")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench_kernels: no CUDA device, nothing to measure")
@@ -268,13 +283,7 @@ def main() -> None:
     import triton
 
     from fp8moe.kernels import quantize as kq
-    from fp8moe.quant import triton as tq
 
-    if not args.full_autotune_old:
-        old = tq._quantize_tokens_kernel
-        old.configs = [c for c in old.configs if (*c.kwargs.values(), c.num_warps) in OLD_TOKEN_PICKS]
-        old = tq._quantize_weight_kernel
-        old.configs = [c for c in old.configs if c.num_warps == OLD_WEIGHT_WARPS]
     started = time.perf_counter()
     torch.manual_seed(0)
     report = Report(
@@ -283,9 +292,9 @@ def main() -> None:
         versions={"torch": torch.__version__, "triton": triton.__version__},
     )
     ceiling = CopyCeiling(args.iters, args.warmup)
-    run_tokens(report, ceiling, args, tq, kq)
-    run_weights(report, ceiling, args, tq, kq)
-    report.autotuned = autotuned(tq, kq)
+    run_tokens(report, ceiling, args, kq)
+    run_weights(report, ceiling, args, kq)
+    report.autotuned = autotuned(kq)
     report.seconds = time.perf_counter() - started
     text = markdown(report)
     print(text)

@@ -25,7 +25,7 @@ from fp8moe.plan import plan_groups
 from fp8moe.testing import backend_fwd_bwd, random_problem, sqnr_db
 
 pytest.importorskip("triton")
-from test_quant_triton import (
+from triton_checks import (
     ROUTINGS,
     expected_rows_padded,
     expected_token_tiles,
@@ -171,17 +171,17 @@ def test_every_autotune_config(out_dtype):
     """Each config of both GEMMs' autotune lists, not only the one the autotuner picks, against the
     reference backend, on a poisoned allocator."""
     from fp8moe.kernels import gemm as kernels
-    from fp8moe.quant import triton as tq
+    from fp8moe.kernels import quantize as kq
 
     x, w, offsets, dy = problem(9, routing=dict(empty_groups=2, tail_rows=100))
     layout = plan_groups(offsets, x.shape[0])
-    quantized = tq.quantize_weight(w, True)
+    quantized = kq.quantize_weight(w, True)
     wq, sw, wq_t, sw_t = quantized
     y_ref, dx_ref, dw_ref = backend_fwd_bwd("reference", x, quantized, offsets, dy)
     operands = (
-        tq.quantize_rows_padded(x, layout),
-        tq.quantize_tokens(dy, layout),
-        tq.quantize_token_tiles(x, layout),
+        kq.quantize_tokens(x, layout, rowwise=True, token_tiles=False),
+        kq.quantize_tokens(dy, layout, name="dy"),
+        kq.quantize_tokens(x, layout, rowwise=False, token_tiles=True),
     )
     (xq, sx), (dyq, sdy, dyt, sdyt), (xt, sxt) = operands
     runs = {

@@ -3,7 +3,7 @@ DeepGEMM wgrad's host read) run on the CPU: the Triton kernels under the Triton 
 two kernels replaced by a float64 model of their documented contract (so this checks our side of the
 calls: operand and scale views, padded layouts, the host list of group sizes; DeepGEMM itself is tested
 on the GPU by test_backend_deepgemm). Both against the reference backend, in a child process with
-``TRITON_INTERPRET=1`` (see test_quant_triton.run_in_the_interpreter).
+``TRITON_INTERPRET=1`` (see triton_checks.run_in_the_interpreter).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-from test_quant_triton import _quantize_tiles_converting_like_the_interpreter, run_configs_once, run_in_the_interpreter
+from triton_checks import _quantize_tiles_converting_like_the_interpreter, run_configs_once, run_in_the_interpreter
 
 from fp8moe.quant import reference
 from fp8moe.recipe import BLOCK
@@ -79,7 +79,7 @@ class _NoEvent:  # torch.cuda.Event on a machine without CUDA: the host copy it 
 def interpreter_checks() -> None:
     """Run in a child process with TRITON_INTERPRET=1 (see test_backends_under_the_triton_interpreter)."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
-    # The reference recipe's fp32 -> e4m3 cast done the interpreter's (inexact) way, as in test_quant_triton.
+    # The reference recipe's fp32 -> e4m3 cast done the interpreter's (inexact) way (see triton_checks).
     reference.quantize_tiles = _quantize_tiles_converting_like_the_interpreter
     sys.modules["deep_gemm"] = fake_deep_gemm()
     torch.cuda.Event = _NoEvent

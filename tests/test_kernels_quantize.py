@@ -1,14 +1,15 @@
 """Quantization kernels of fp8moe.kernels.quantize against the reference recipe, in their GEMM layouts.
 
 Every check is bit-exact against fp8moe.quant.reference evaluated on the CPU and placed in the documented
-layouts (the helpers of test_quant_triton): padding rows and the tail zero with zero scales, NaN/Inf
+layouts (the helpers of triton_checks): padding rows and the tail zero with zero scales, NaN/Inf
 tiles, all-zero tiles, tiny values, and tiles whose amax sits at either side of the two thresholds that
 matter (448 * 2^-126: a zero tile below it; 448 * 2^-90: the kernels' fast division path from there up).
 
-CPU: the kernels under the Triton interpreter (``TRITON_INTERPRET=1``, in a child process per test, small
-sizes), with test_quant_triton's substitution: the reference's final fp32 -> e4m3 cast goes through the
-interpreter's own (inexact) conversion, and values of NaN tiles are not compared (their scales are). The
-interpreter runs the portable forms of the two inline-PTX steps (see the module's ``PTX`` flag).
+CPU (skipped where CUDA is available): the kernels under the Triton interpreter (``TRITON_INTERPRET=1``,
+in a child process per test, small sizes), with triton_checks' substitution: the reference's final fp32 ->
+e4m3 cast goes through the interpreter's own (inexact) conversion, and values of NaN tiles are not compared
+(their scales are). The interpreter runs the portable forms of the two inline-PTX steps (see the module's
+``PTX`` flag).
 GPU (skipped without CUDA): the same checks at larger sizes, with the conversion and NaN codes compared
 too, and every output poisoned before the call; the inline-PTX steps run there.
 """
@@ -16,13 +17,10 @@ too, and every output poisoned before the call; the inline-PTX steps run there.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from test_quant_triton import (
+from triton_checks import (
     ROUTINGS,
     _quantize_tiles_converting_like_the_interpreter,
     assert_fp8_equal,
@@ -33,6 +31,7 @@ from test_quant_triton import (
     layout_for,
     poison_allocator,
     run_configs_once,
+    run_in_the_interpreter,
     special_weight,
     tokens_with_special_tiles,
 )
@@ -240,19 +239,6 @@ def interpreted_weights() -> None:
     check_weight_both_fp32_paths(special_weights(gen, torch.float32, "cpu")[:1], interpreter=True)
 
 
-def _run_in_the_interpreter(check: str) -> None:
-    """Run ``<check>()`` of this module in a child process with TRITON_INTERPRET=1 (skip if the
-    interpreter lacks something the kernels use; the known messages are test_quant_triton's)."""
-    here = str(Path(__file__).parent)
-    code = f"import sys; sys.path.insert(0, {here!r}); import {__name__} as m; m._interpreter_setup(); m.{check}()"
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", code], check=False, env=env, capture_output=True, text=True)
-    known = ("NotImplementedError", "only 0-dimensional arrays can be converted")
-    if proc.returncode and any(k in proc.stderr for k in known):
-        pytest.skip(f"the Triton interpreter cannot run these kernels here: {proc.stderr.strip().splitlines()[-1]}")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-
-
 @pytest.mark.parametrize(
     "check",
     [
@@ -263,7 +249,7 @@ def _run_in_the_interpreter(check: str) -> None:
     ],
 )
 def test_kernels_under_the_triton_interpreter(check):
-    _run_in_the_interpreter(check)
+    run_in_the_interpreter(__name__, "_interpreter_setup", check)
 
 
 # ---- the fast division, in NumPy with an exact fp32 FMA (CPU) -------------------------------------------------

@@ -131,7 +131,7 @@ def interpreter_checks() -> None:
 
 def test_plan_kernel_under_the_triton_interpreter():
     pytest.importorskip("triton")
-    from test_quant_triton import run_in_the_interpreter
+    from triton_checks import run_in_the_interpreter
 
     run_in_the_interpreter("test_plan")
 

@@ -268,8 +268,8 @@ def k_grouped_gemm(
 
     Args:
         a: (N * Mp,) e4m3 flat per-group token tiles of the left operand (dy), as written by
-            :func:`fp8moe.quant.triton.quantize_token_tiles`: group g is a row-major (N, k_g) block at
-            element ``N * padded_starts[g]``.
+            :func:`fp8moe.kernels.quantize.quantize_tokens` (token tiles): group g is a row-major
+            (N, k_g) block at element ``N * padded_starts[g]``.
         sa: (Mp/128, N) fp32 contiguous, its 128x1 scales.
         b: (K * Mp,) e4m3, the right operand (x) in the same layout.
         sb: (Mp/128, K) fp32 contiguous, its scales.

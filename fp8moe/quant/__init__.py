@@ -1,4 +1,5 @@
-"""FP8 quantization: the recipe in plain torch (:mod:`.reference`) and layout-writing GPU kernels."""
+"""FP8 quantization: the recipe in plain torch (:mod:`.reference`); the layout-writing GPU kernels are
+:mod:`fp8moe.kernels.quantize`."""
 
 from fp8moe.quant.reference import (
     dequantize_blockwise,
