@@ -262,7 +262,9 @@ def test_fast_division_is_the_ieee_quotient():
     and just below powers of two, perturbed by a few ulps; and RN(amax / 448) for every significand of
     amax in a few binades (the kernels' scale)."""
     np = pytest.importorskip("numpy")
-    fma32 = pytest.importorskip("triton._C.libtriton").interpreter.fma_fp32  # the interpreter's exact fp32 FMA
+    fma32 = getattr(pytest.importorskip("triton._C.libtriton").interpreter, "fma_fp32", None)
+    if fma32 is None:  # the interpreter's exact fp32 FMA (Triton >= 3.7; the GPU machine's 3.6 lacks it)
+        pytest.skip("this Triton's interpreter has no exact fp32 FMA to model the kernels' division with")
     rng = np.random.default_rng(0)
     f32 = np.float32
 
