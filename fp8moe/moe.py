@@ -60,8 +60,10 @@ def route(x: Tensor, router_weight: Tensor, top_k: int) -> Routing:
     order = torch.argsort(flat, stable=True)
     counts = torch.zeros(num_experts, dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
     offsets = torch.cumsum(counts, 0).to(torch.int32)
-    fraction = counts.float() / flat.numel()
-    aux_loss = num_experts * (fraction * probs.mean(dim=0)).sum()
+    # Zero tokens (a static shape, no sync) give aux_loss 0, not the 0/0 of an empty mean.
+    fraction = counts.float() / max(flat.numel(), 1)
+    mean_probs = probs.mean(dim=0) if x.shape[0] else probs.sum(dim=0)
+    aux_loss = num_experts * (fraction * mean_probs).sum()
     return Routing(order, offsets, combine, experts, aux_loss)
 
 
@@ -130,14 +132,17 @@ class MoE(nn.Module):
         return grouped_mm(x, w, offsets, backend=self.backend, out_dtype=torch.bfloat16)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x (..., D) -> (y (..., D) in x's dtype, aux_loss () fp32). Expert activations are bf16."""
+        """x (..., D) -> (y (..., D) in x's dtype, aux_loss () fp32). Expert activations are bf16.
+
+        ``...`` may hold zero tokens (then y is empty and aux_loss is 0).
+        """
         if x.shape[-1] != self.d_model:
             raise ValueError(f"x: expected last dimension d_model = {self.d_model}, got shape {tuple(x.shape)}")
         tokens = x.reshape(-1, self.d_model)
         num_tokens, k = tokens.shape[0], self.top_k
         routing = route(tokens, self.router.weight, k)
         # Gather from the flat (T*k, D) assignment list: unique indices, so the backward is deterministic.
-        assignments = tokens.to(torch.bfloat16).unsqueeze(1).expand(-1, k, -1).reshape(num_tokens * k, -1)
+        assignments = tokens.to(torch.bfloat16).unsqueeze(1).expand(-1, k, -1).reshape(num_tokens * k, self.d_model)
         sorted_x = assignments.index_select(0, routing.order)
         h = self._expert_mm(sorted_x, self.w_gate_up, routing.offsets)  # (T*k, 2F)
         a = F.silu(h[:, : self.d_ff]) * h[:, self.d_ff :]

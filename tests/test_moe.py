@@ -207,6 +207,31 @@ def test_wrong_input_width_is_rejected():
         make_layer("bf16")(make_tokens(9, shape=(10, 2 * D)))
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+@pytest.mark.parametrize("shape", [(0, D), (2, 0, D)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_zero_tokens_give_an_empty_output_a_zero_aux_loss_and_a_backward(precision, shape, dtype):
+    layer = make_layer(precision)
+    x = torch.zeros(shape, dtype=dtype, requires_grad=True)
+    y, aux = layer(x)
+    assert y.shape == x.shape and y.dtype == dtype
+    assert aux.shape == () and aux.dtype == torch.float32 and aux.item() == 0.0
+    (y.float().sum() + aux).backward()
+    assert x.grad.shape == x.shape
+    for p in layer.parameters():  # the weights got a (zero) gradient: the graph reached them
+        assert p.grad is not None and p.grad.eq(0).all()
+
+
+def test_jax_twin_takes_zero_tokens_too(jax_moe, jax_on_cpu):
+    import jax
+    import jax.numpy as jnp
+
+    params = jax_moe.init_moe_params(jax.random.key(0), D, FF, E)
+    for precision in ("bf16", "fp8"):
+        y, _ = jax_moe.moe_layer(params, jnp.zeros((0, D)), top_k=K, precision=precision, backend="reference")
+        assert y.shape == (0, D)
+
+
 @pytest.fixture(scope="module")
 def jax_moe():
     pytest.importorskip("jax", reason="jax not installed")
