@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from data import VOCAB_SIZE
+from experiments.data import VOCAB_SIZE
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,9 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _config import ModelConfig, TrainConfig
 from torch import Tensor, nn
 
+from experiments._config import ModelConfig, TrainConfig
 from fp8moe.moe import MoE
 
 NORM_EPS = 1e-6

@@ -18,28 +18,36 @@ Writes to ``--out`` (default ``experiments/runs/<date>-<size>``): one JSON log p
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import datetime
-import json
 import os
-import platform
-import statistics
 import sys
-import time
 from pathlib import Path
+
+if __name__ == "__main__" and not __package__:
+    # Run as a file (`python experiments/train_moe.py`): re-run as the module experiments.train_moe, with the
+    # repository root on PYTHONPATH, so that it imports its siblings as experiments.* from anywhere.
+    root = str(Path(__file__).resolve().parent.parent)
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))}
+    os.execve(sys.executable, [sys.executable, "-m", "experiments.train_moe", *sys.argv[1:]], env)
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
 
 # torch and JAX share the GPU in one process: JAX must not grab 75% of it up front.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-import numpy as np
-import torch
-from _config import SIZES, TrainConfig, lr_at
-from data import Corpus, held_out_batches, load_corpus, train_batch
-from tqdm import tqdm
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
-import fp8moe
-from fp8moe.backends import select_backend
+import fp8moe  # noqa: E402
+from experiments._config import SIZES, TrainConfig, lr_at  # noqa: E402
+from experiments.data import Corpus, held_out_batches, load_corpus, train_batch  # noqa: E402
+from fp8moe.backends import select_backend  # noqa: E402
 
 FRAMEWORKS = ("torch", "jax")
 PRECISIONS = ("bf16", "fp8")
@@ -277,14 +285,15 @@ def main(argv: list[str] | None = None) -> list[RunLog]:
         run_tokens = run_cfg.batch_size * cfg.seq_len
         for precision in precisions:
             if framework == "torch":
-                from _model_torch import TorchTrainer
+                from experiments._model_torch import TorchTrainer
 
                 trainer = TorchTrainer(cfg, run_cfg, precision, args.backend, device, args.compile, args.seed)
                 run_device = device
             else:
                 import jax
-                from _model_jax import JaxTrainer
-                from _model_torch import initial_weights
+
+                from experiments._model_jax import JaxTrainer
+                from experiments._model_torch import initial_weights
 
                 trainer = JaxTrainer(cfg, run_cfg, precision, args.backend, initial_weights(cfg, args.seed))
                 run_device = torch.device("cpu" if jax.default_backend() == "cpu" else "cuda")

@@ -3,6 +3,7 @@
 import dataclasses
 import itertools
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -11,14 +12,9 @@ import pytest
 import torch
 
 import fp8moe
-
-sys.path.insert(0, str(Path(__file__).parent.parent / "experiments"))
-
-import compare
-import train_moe
-from _config import SIZES, TrainConfig, lr_at
-from data import held_out_batches, load_corpus, stdlib_path, train_batch
-
+from experiments import compare, train_moe
+from experiments._config import SIZES, TrainConfig, lr_at
+from experiments.data import held_out_batches, load_corpus, stdlib_path, train_batch
 from fp8moe.testing import sqnr_db
 
 JAX_MISSING = train_moe.jax_unavailable_reason()
@@ -94,9 +90,10 @@ def test_torch_and_jax_models_compute_the_same_function(precision, min_logits_db
     """Stage by stage: the attention path agrees to bf16 rounding, each MoE layer maps the same input to the
     same output, and end to end the logits agree as far as routing and FP8 rounding flips let them (small
     input differences flip bf16/e4m3 roundings inside the MoE and compound over the layers)."""
-    import _model_jax
     import jax.numpy as jnp
-    from _model_torch import build_model, initial_weights
+
+    from experiments import _model_jax
+    from experiments._model_torch import build_model, initial_weights
 
     cfg = SIZES["cpu"][0]
     tokens = train_batch(np.frombuffer(b"def main():\n    return 0\n" * 200, dtype=np.uint8), 0, 2, cfg.seq_len, 0)
@@ -178,7 +175,7 @@ def test_compare_reports_every_implementation_against_the_float64_recipe(capsys)
 
 @pytest.mark.skipif(JAX_MISSING is not None, reason=str(JAX_MISSING))
 def test_jax_runs_take_their_own_batch_where_the_size_sets_one(tmp_path, monkeypatch):
-    import _config
+    from experiments import _config
 
     cfg, train_cfg = SIZES["cpu"]
     monkeypatch.setitem(_config.SIZES, "cpu", (cfg, dataclasses.replace(train_cfg, jax_batch_size=2)))
@@ -198,3 +195,25 @@ def test_train_moe_rejects_a_count_below_one_naming_the_flag(flag, capsys):
     with pytest.raises(SystemExit):
         train_moe.parse_args([flag, "0"])
     assert f"{flag}: expected >= 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cwd", ["repo", "elsewhere"])
+def test_train_moe_runs_as_a_file_from_any_folder(cwd, tmp_path):
+    """`python experiments/train_moe.py` re-runs itself as the module experiments.train_moe; it needs no sys.path
+    edits, and none of the training files make any."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parent.parent
+    script = repo / "experiments" / "train_moe.py"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(
+        [sys.executable, str(script), "--steps", "0"],
+        cwd=repo if cwd == "repo" else tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "--steps: expected >= 1, got 0" in result.stderr, result.stderr
+    for name in ("train_moe", "_config", "_model_torch", "_model_jax", "data"):
+        assert "sys.path" not in (repo / "experiments" / f"{name}.py").read_text()
