@@ -216,3 +216,70 @@ def test_train_moe_runs_as_a_file_from_any_folder(tmp_path):
     assert result.returncode == 2 and "--steps: expected >= 1, got 0" in result.stderr, result.stderr
     for name in ("train_moe", "_config", "_model_torch", "_model_jax", "data"):
         assert "sys.path" not in (repo / "experiments" / f"{name}.py").read_text()
+
+
+def test_emulated_bf16_gemms_give_the_values_of_bf16_gemms():
+    """The fp32 emulation of the CPU runs against torch's bf16 GEMMs: forward values and gradients agree to
+    the rounding of a bf16 result (the order of the additions differs), far closer than to fp32 math."""
+    from experiments._model_torch import emulated_bf16_grouped_mm, emulated_bf16_linear
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 256, generator=gen, requires_grad=True)
+    w = torch.randn(384, 256, generator=gen, requires_grad=True)
+    dy = torch.randn(300, 384, generator=gen)
+    y = emulated_bf16_linear(x, w)
+    (y.float() * dy).sum().backward()
+    grads = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_native = torch.nn.functional.linear(x, w)
+    (y_native.float() * dy).sum().backward()
+    assert y.dtype == y_native.dtype == torch.bfloat16
+    assert (y == y_native).float().mean() > 0.9 and sqnr_db(y_native.float(), y.float()) >= 50
+    for g, g_native in zip(grads, (x.grad, w.grad)):
+        assert sqnr_db(g_native, g) >= 50
+        assert torch.equal(g, g.to(torch.bfloat16).float())  # rounded to bf16, as bf16 GEMMs give them
+    assert sqnr_db(x.detach() @ w.detach().T, y.float()) < 55  # the bf16 rounding is there
+
+    xs = torch.randn(300, 256, generator=gen).to(torch.bfloat16).requires_grad_()
+    ws = torch.randn(3, 384, 256, generator=gen, requires_grad=True)
+    offsets = torch.tensor([100, 100, 300], dtype=torch.int32)
+    out = emulated_bf16_grouped_mm(xs, ws, offsets)
+    (out.float() * dy).sum().backward()
+    grads = xs.grad.clone(), ws.grad.clone()
+    xs.grad = ws.grad = None
+    out_native = torch._grouped_mm(xs, ws.to(torch.bfloat16).transpose(1, 2), offs=offsets)
+    (out_native.float() * dy).sum().backward()
+    assert out.dtype == torch.bfloat16 and (out == out_native).float().mean() > 0.9
+    assert sqnr_db(out_native.float(), out.float()) >= 50
+    for g, g_native in zip(grads, (xs.grad, ws.grad)):
+        assert sqnr_db(g_native.float(), g.float()) >= 50
+    assert ws.grad[1].eq(0).all()  # the empty group
+
+
+def test_emulated_bf16_model_matches_the_autocast_model():
+    """bf16: the emulated model computes the autocast model's logits to a few bf16 roundings. fp8: the emulated
+    model's MoE layers are plain ``MoE(precision="fp8")`` layers, the same bits (the emulation touches only
+    bf16 GEMMs)."""
+    from experiments._model_torch import build_model
+    from fp8moe.moe import MoE
+
+    cfg = SIZES["cpu"][0]
+    tokens = torch.from_numpy(train_batch(np.frombuffer(b"import os\n" * 500, np.uint8), 0, 2, cfg.seq_len, 0))
+    native = build_model(cfg, "bf16", "reference", seed=1)
+    emulated = build_model(cfg, "bf16", "reference", seed=1, bf16_math="emulated")
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits_native, aux_native = native(tokens[:, :-1].long())
+        logits, aux = emulated(tokens[:, :-1].long())
+    assert logits.dtype == torch.bfloat16
+    assert sqnr_db(logits_native.float(), logits.float()) >= 45
+    assert aux.item() == pytest.approx(aux_native.item(), rel=1e-4)
+
+    emulated = build_model(cfg, "fp8", "reference", seed=1, bf16_math="emulated")
+    x = torch.randn(100, cfg.d_model, generator=torch.Generator().manual_seed(2))
+    for block in emulated.blocks:
+        plain = MoE(cfg.d_model, cfg.d_ff, cfg.num_experts, cfg.top_k, precision="fp8", backend="reference")
+        plain.load_state_dict(block.moe.state_dict())
+        with torch.no_grad():
+            assert all(torch.equal(a, b) for a, b in zip(block.moe(x), plain(x)))
