@@ -136,86 +136,130 @@ def test_torch_and_jax_models_compute_the_same_function(precision, min_logits_db
     assert float(ce_jax) == pytest.approx(ce.item(), rel=1e-3)
 
 
-def test_train_moe_runs_learns_and_reports(tmp_path, capsys):
+def test_train_moe_runs_learns_and_reports(tmp_path, capsys, monkeypatch):
+    """All four runs at a smaller batch (JAX at its own, smaller one, as the GPU size sets it): each learns,
+    logs every step, and the summary, plot and console report them."""
+    from experiments import _config
+
+    cfg, train_cfg = SIZES["cpu"]
+    small = dataclasses.replace(train_cfg, batch_size=4, jax_batch_size=2, num_evals=2, eval_batches=2)
+    monkeypatch.setitem(_config.SIZES, "cpu", (cfg, small))
     data = stdlib_path() / "json"
-    logs = train_moe.main(["--size", "cpu", "--steps", "12", "--data", str(data), "--out", str(tmp_path)])
+    logs = train_moe.main(["--size", "cpu", "--steps", "8", "--data", str(data), "--out", str(tmp_path)])
     runs = {(log.framework, log.precision) for log in logs}
     frameworks = ("torch",) if JAX_MISSING else ("torch", "jax")
     assert runs == {(f, p) for f in frameworks for p in ("bf16", "fp8")}
+    batch = {"torch": 4, "jax": 2}
     for log in logs:
         record = json.loads((tmp_path / f"{log.framework}_{log.precision}.json").read_text())
-        assert len(record["train_loss"]) == 12 and all(np.isfinite(record["train_loss"]))
+        assert len(record["train_loss"]) == 8 and all(np.isfinite(record["train_loss"]))
         held_out = [loss for _, loss in record["held_out"]]
         assert held_out[0] > 5.0 and held_out[-1] < held_out[0] - 0.5  # from ~ln(256) down: it learns
-        assert record["ms_per_step"] > 0 and record["model"]["d_model"] == SIZES["cpu"][0].d_model
+        assert record["ms_per_step"] > 0 and record["model"]["d_model"] == cfg.d_model
+        assert record["train"]["batch_size"] == batch[log.framework]
+        assert log.tokens_per_step == batch[log.framework] * cfg.seq_len
     summary = (tmp_path / "summary.md").read_text()
     auto = fp8moe.backend_info("cuda" if torch.cuda.is_available() else "cpu")["auto"]  # the fp8 runs' backend
     assert f"| torch fp8 | fp8 {auto} |" in summary and "held-out gap vs bf16" in summary
+    if not torch.cuda.is_available():  # the torch runs emulate bf16 on a CPU, and say so
+        assert "| torch bf16 | bf16 (fp32-emulated) |" in summary and "bf16 math emulated in fp32" in summary
+    assert "Same weights, same batches" not in summary  # the frameworks saw different batches
     assert (tmp_path / "loss.png").stat().st_size > 10_000
-    assert summary.splitlines()[-1] in capsys.readouterr().out
+    out = capsys.readouterr()
+    assert summary.splitlines()[-1] in out.out and "All runs took" in summary
+    assert "all_runs_left=" in out.err  # the progress bar's estimate for all the runs
 
 
-def test_compare_reports_every_implementation_against_the_float64_recipe(capsys):
-    report = compare.main(["--rows", "300", "--n", "128", "--k", "256", "--experts", "4", "--routing", "tail"])
-    results = report.results
-    assert {"float64 recipe", "float64 exact", "torch bf16", "fp8moe reference"} <= set(results)
-    y_ref, dx_ref, dw_ref = results["float64 recipe"]
-    y, dx, dw = results["fp8moe reference"]
-    assert sqnr_db(dw_ref, dw) >= 100  # fp32 result of the same recipe
-    assert sqnr_db(y_ref, y) >= 45 and sqnr_db(dx_ref, dx) >= 45  # bf16 results of the same recipe
-    assert 20 <= sqnr_db(results["float64 exact"][0], y) <= 35  # the FP8 quantization error itself
-    assert sqnr_db(results["float64 exact"][2], results["torch bf16"][2]) >= 45
-    assert torch.equal(results["torch bf16"][0][-60:], torch.zeros_like(y[-60:]))  # unrouted tail rows
-    assert not report.mismatches
-    if "jax bridge reference" in results:
-        assert all(torch.equal(a, b) for a, b in zip(results["jax bridge reference"], results["fp8moe reference"]))
-    out = capsys.readouterr().out
-    assert "pairwise SQNR (dB) of dw" in out
-
-
-@pytest.mark.skipif(JAX_MISSING is not None, reason=str(JAX_MISSING))
-def test_jax_runs_take_their_own_batch_where_the_size_sets_one(tmp_path, monkeypatch):
+def test_batch_size_flag_sets_every_run_batch_and_the_size_sets_jax_own(monkeypatch):
     from experiments import _config
 
     cfg, train_cfg = SIZES["cpu"]
     monkeypatch.setitem(_config.SIZES, "cpu", (cfg, dataclasses.replace(train_cfg, jax_batch_size=2)))
-    argv = ["--size", "cpu", "--steps", "2", "--precision", "bf16", "--data", str(stdlib_path() / "json")]
-    logs = train_moe.main([*argv, "--out", str(tmp_path / "sized")])
-    tokens = {log.framework: log.tokens_per_step for log in logs}
-    assert tokens == {"torch": train_cfg.batch_size * cfg.seq_len, "jax": 2 * cfg.seq_len}
-    assert json.loads((tmp_path / "sized" / "jax_bf16.json").read_text())["train"]["batch_size"] == 2
-    assert "Same weights, same batches" not in (tmp_path / "sized" / "summary.md").read_text()
-    # an explicit --batch-size applies to both frameworks
-    logs = train_moe.main([*argv, "--batch-size", "3", "--out", str(tmp_path / "flag")])
-    assert {log.tokens_per_step for log in logs} == {3 * cfg.seq_len}
+    _, sized = train_moe.configs(train_moe.parse_args(["--size", "cpu"]))
+    assert {f: c.batch_size for f, c in train_moe.run_configs(sized, ("torch", "jax")).items()} == {
+        "torch": train_cfg.batch_size,
+        "jax": 2,
+    }
+    _, flagged = train_moe.configs(train_moe.parse_args(["--size", "cpu", "--batch-size", "3", "--steps", "7"]))
+    assert flagged.steps == 7
+    assert {c.batch_size for c in train_moe.run_configs(flagged, ("torch", "jax")).values()} == {3}
 
 
-@pytest.mark.parametrize("flag", ["--steps", "--batch-size"])
-def test_train_moe_rejects_a_count_below_one_naming_the_flag(flag, capsys):
+def test_an_fp8_backend_that_cannot_run_fails_before_the_first_step(tmp_path, capsys, monkeypatch):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    unavailable = [name for name, reason in fp8moe.backend_info(device)["backends"].items() if reason]
+    if not unavailable:
+        pytest.skip(f"every fp8moe backend can run on {device}")
+    argv = ["--size", "cpu", "--steps", "2", "--framework", "torch", "--out", str(tmp_path / "run")]
+    argv += ["--data", str(stdlib_path() / "json")]
+    with pytest.raises(SystemExit) as exc:
+        train_moe.main([*argv, "--backend", unavailable[0]])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: --backend {unavailable[0]}: the fp8 torch runs (on {device}) cannot use it" in err
+    assert not (tmp_path / "run").exists()  # nothing ran
+    # "auto" follows FP8MOE_BACKEND, checked the same way
+    monkeypatch.setenv("FP8MOE_BACKEND", unavailable[0])
     with pytest.raises(SystemExit):
-        train_moe.parse_args([flag, "0"])
-    assert f"{flag}: expected >= 1, got 0" in capsys.readouterr().err
+        train_moe.main(argv)
+    assert "error: --backend auto:" in capsys.readouterr().err
+
+    # a bf16-only run needs no fp8 backend: it gets to its first step
+    class FirstStep(Exception):
+        pass
+
+    def first_step(*args, **kwargs):
+        raise FirstStep
+
+    monkeypatch.setattr(train_moe, "train", first_step)
+    with pytest.raises(FirstStep):
+        train_moe.main([*argv, "--precision", "bf16", "--backend", unavailable[0]])
 
 
-def test_train_moe_runs_as_a_file_from_any_folder(tmp_path):
-    """`python experiments/train_moe.py` re-runs itself as the module experiments.train_moe (here from a folder
-    outside the repository, the harder case); it needs no sys.path edits, and none of the training files make any."""
-    import subprocess
+def make_log(framework, precision, held_out, tokens=512):
+    log = train_moe.RunLog(framework, precision, precision, "cpu", "native", len(held_out), tokens)
+    log.held_out = list(enumerate(held_out))
+    log.train_loss, log.step_ms = [h + 0.1 for h in held_out], [1.0] * len(held_out)
+    return log
 
-    repo = Path(__file__).resolve().parent.parent
-    script = repo / "experiments" / "train_moe.py"
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = subprocess.run(
-        [sys.executable, str(script), "--steps", "0"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 2 and "--steps: expected >= 1, got 0" in result.stderr, result.stderr
-    for name in ("train_moe", "_config", "_model_torch", "_model_jax", "data"):
-        assert "sys.path" not in (repo / "experiments" / f"{name}.py").read_text()
+
+def test_held_out_gaps_are_fp8_against_bf16_per_framework_in_percent():
+    logs = [
+        make_log("torch", "bf16", [5.0, 4.0, 2.0]),
+        make_log("torch", "fp8", [5.0, 4.04, 2.01]),
+        make_log("jax", "bf16", [5.0, 4.0, 2.0]),
+    ]
+    gaps = train_moe.held_out_gaps(logs)
+    assert list(gaps) == ["torch"]  # JAX has no fp8 run to compare
+    steps, pct = gaps["torch"]
+    assert steps == [0, 1, 2] and pct == pytest.approx([0.0, 1.0, 0.5])
+
+
+def test_loss_plot_has_the_gap_panel(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    saved = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *args, **kwargs: saved.append(fig))
+    logs = [
+        make_log(f, p, list(np.linspace(5.5, 2.5, 11) * (1.01 if p == "fp8" else 1)))
+        for f in ("torch", "jax")
+        for p in ("bf16", "fp8")
+    ]
+    train_moe.plot(logs, "title", tmp_path / "loss.png")
+    (fig,) = saved
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["train loss (moving average)", "held-out loss", "held-out loss gap (% of the reference)"]
+    gap_lines = {line.get_label(): line.get_ydata() for line in fig.axes[2].get_lines()}
+    assert gap_lines["torch: fp8 - bf16"] == pytest.approx([1.0] * 11)
+    assert gap_lines["bf16: jax - torch (noise)"] == pytest.approx([0.0] * 11)
+
+
+def test_time_left_counts_the_runs_still_to_come():
+    time_left = train_moe.TimeLeft(num_runs=4)
+    assert time_left.estimate(elapsed=10.0, steps_done=10, steps=100) == pytest.approx(90 + 3 * 100)
+    time_left.finished += [50.0, 70.0]
+    assert time_left.estimate(elapsed=30.0, steps_done=50, steps=100) == pytest.approx(30 + 1 * 60)
+    assert train_moe.format_seconds(125.4) == "2:05"
 
 
 def test_emulated_bf16_gemms_give_the_values_of_bf16_gemms():
@@ -283,3 +327,49 @@ def test_emulated_bf16_model_matches_the_autocast_model():
         plain.load_state_dict(block.moe.state_dict())
         with torch.no_grad():
             assert all(torch.equal(a, b) for a, b in zip(block.moe(x), plain(x)))
+
+
+def test_compare_reports_every_implementation_against_the_float64_recipe(capsys):
+    report = compare.main(["--rows", "300", "--n", "128", "--k", "256", "--experts", "4", "--routing", "tail"])
+    results = report.results
+    assert {"float64 recipe", "float64 exact", "torch bf16", "fp8moe reference"} <= set(results)
+    y_ref, dx_ref, dw_ref = results["float64 recipe"]
+    y, dx, dw = results["fp8moe reference"]
+    assert sqnr_db(dw_ref, dw) >= 100  # fp32 result of the same recipe
+    assert sqnr_db(y_ref, y) >= 45 and sqnr_db(dx_ref, dx) >= 45  # bf16 results of the same recipe
+    assert 20 <= sqnr_db(results["float64 exact"][0], y) <= 35  # the FP8 quantization error itself
+    assert sqnr_db(results["float64 exact"][2], results["torch bf16"][2]) >= 45
+    assert torch.equal(results["torch bf16"][0][-60:], torch.zeros_like(y[-60:]))  # unrouted tail rows
+    assert not report.mismatches
+    if "jax bridge reference" in results:
+        assert all(torch.equal(a, b) for a, b in zip(results["jax bridge reference"], results["fp8moe reference"]))
+    out = capsys.readouterr().out
+    assert "pairwise SQNR (dB) of dw" in out
+
+
+@pytest.mark.parametrize("flag", ["--steps", "--batch-size"])
+def test_train_moe_rejects_a_count_below_one_naming_the_flag(flag, capsys):
+    with pytest.raises(SystemExit):
+        train_moe.parse_args([flag, "0"])
+    assert f"{flag}: expected >= 1, got 0" in capsys.readouterr().err
+
+
+def test_train_moe_runs_as_a_file_from_any_folder(tmp_path):
+    """`python experiments/train_moe.py` re-runs itself as the module experiments.train_moe (here from a folder
+    outside the repository, the harder case); it needs no sys.path edits, and none of the training files make any."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parent.parent
+    script = repo / "experiments" / "train_moe.py"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(
+        [sys.executable, str(script), "--steps", "0"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "--steps: expected >= 1, got 0" in result.stderr, result.stderr
+    for name in ("train_moe", "_config", "_model_torch", "_model_jax", "data"):
+        assert "sys.path" not in (repo / "experiments" / f"{name}.py").read_text()
