@@ -14,9 +14,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _config import ModelConfig, TrainConfig
-from _model_torch import NORM_EPS
 
+from experiments._config import ModelConfig, TrainConfig
+from experiments._model_torch import NORM_EPS
 from jax_bridge.moe import moe_layer
 
 Params = dict[str, Any]

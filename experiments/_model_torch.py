@@ -3,6 +3,12 @@
 Mixed precision: fp32 master weights and residual stream, every dense matmul and attention in bf16 through
 ``torch.autocast``; the router runs in fp32 and the expert GEMMs in the MoE layer's own precision (bf16
 ``torch._grouped_mm`` or blockwise FP8), so the two precisions differ only in the expert GEMMs.
+
+``bf16_math="emulated"`` (the default on a CPU, where bf16 GEMMs without native bf16 instructions are 5-60x
+slower than fp32 ones) computes every bf16 GEMM (the dense layers and the bf16 expert GEMMs; attention keeps
+bf16 operands) as an fp32 matmul of the bf16-rounded operands with a bf16-rounded result, instead of
+``torch.autocast``: the same values as a bf16 GEMM with fp32 accumulation, up to the order of the additions.
+The FP8 expert GEMMs are the same in both modes.
 """
 
 from __future__ import annotations
@@ -12,32 +18,62 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _config import ModelConfig, TrainConfig
 from torch import Tensor, nn
 
+from experiments._config import ModelConfig, TrainConfig
 from fp8moe.moe import MoE
 
 NORM_EPS = 1e-6
+BF16_MATH = ("native", "emulated")
+BF16 = torch.bfloat16
+
+
+def emulated_bf16_linear(x: Tensor, weight: Tensor) -> Tensor:
+    """``x @ weight.T`` as a bf16 GEMM computes it (bf16 operands, fp32 accumulation, bf16 result), run as an
+    fp32 matmul of the bf16-rounded operands. In the backward, the casts round dx and dweight to bf16, as the
+    bf16 GEMMs of autocast's backward do."""
+    return F.linear(x.to(BF16).float(), weight.to(BF16).float()).to(BF16)
+
+
+def emulated_bf16_grouped_mm(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
+    """``torch._grouped_mm(x, w.to(bf16).transpose(1, 2), offs=offsets)`` (what ``MoE(precision="bf16")``
+    runs) as an fp32 grouped GEMM of the bf16-rounded operands with a bf16 result: x (M, K) bf16, w (E, N, K)."""
+    return torch._grouped_mm(x.float(), w.to(BF16).float().transpose(1, 2), offs=offsets).to(BF16)
+
+
+class EmulatedBf16MoE(MoE):
+    """:class:`fp8moe.moe.MoE` whose bf16 expert GEMMs run as :func:`emulated_bf16_grouped_mm` (the FP8 ones
+    are unchanged)."""
+
+    def _expert_mm(self, x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
+        if self.precision == "bf16":
+            return emulated_bf16_grouped_mm(x, w, offsets)
+        return super()._expert_mm(x, w, offsets)
 
 
 class Block(nn.Module):
     """Pre-norm block: ``x + attn(norm(x))``, then ``x + moe(norm(x))``."""
 
-    def __init__(self, cfg: ModelConfig, precision: str, backend: str) -> None:
+    def __init__(self, cfg: ModelConfig, precision: str, backend: str, bf16_math: str = "native") -> None:
         super().__init__()
-        self.num_heads = cfg.num_heads
+        self.num_heads, self.emulate_bf16 = cfg.num_heads, bf16_math == "emulated"
         self.attn_norm = nn.RMSNorm(cfg.d_model, eps=NORM_EPS)
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.moe_norm = nn.RMSNorm(cfg.d_model, eps=NORM_EPS)
-        self.moe = MoE(cfg.d_model, cfg.d_ff, cfg.num_experts, cfg.top_k, precision=precision, backend=backend)
+        moe = EmulatedBf16MoE if self.emulate_bf16 else MoE
+        self.moe = moe(cfg.d_model, cfg.d_ff, cfg.num_experts, cfg.top_k, precision=precision, backend=backend)
+
+    def dense(self, layer: nn.Linear, x: Tensor) -> Tensor:
+        return emulated_bf16_linear(x, layer.weight) if self.emulate_bf16 else layer(x)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x (B, S, D) fp32 -> (x (B, S, D) fp32, aux_loss () fp32)."""
         b, s, d = x.shape
-        q, k, v = self.qkv(self.attn_norm(x)).view(b, s, 3, self.num_heads, d // self.num_heads).unbind(2)
+        qkv = self.dense(self.qkv, self.attn_norm(x))
+        q, k, v = qkv.view(b, s, 3, self.num_heads, d // self.num_heads).unbind(2)
         attn = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
-        x = x + self.proj(attn.transpose(1, 2).reshape(b, s, d))
+        x = x + self.dense(self.proj, attn.transpose(1, 2).reshape(b, s, d))
         y, aux = self.moe(self.moe_norm(x))
         return x + y, aux
 
@@ -45,11 +81,14 @@ class Block(nn.Module):
 class MoETransformer(nn.Module):
     """Byte-level decoder-only MoE transformer. ``forward(tokens (B, S) int) -> (logits (B, S, V), aux ())``."""
 
-    def __init__(self, cfg: ModelConfig, precision: str, backend: str = "auto") -> None:
+    def __init__(self, cfg: ModelConfig, precision: str, backend: str = "auto", bf16_math: str = "native") -> None:
         super().__init__()
+        if bf16_math not in BF16_MATH:
+            raise ValueError(f"bf16_math: expected one of {BF16_MATH}, got {bf16_math!r}")
+        self.emulate_bf16 = bf16_math == "emulated"
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Parameter(torch.empty(cfg.seq_len, cfg.d_model))
-        self.blocks = nn.ModuleList(Block(cfg, precision, backend) for _ in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(Block(cfg, precision, backend, bf16_math) for _ in range(cfg.num_layers))
         self.norm = nn.RMSNorm(cfg.d_model, eps=NORM_EPS)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         for name, p in self.named_parameters():  # the MoE layers keep their own initialisation
@@ -63,13 +102,16 @@ class MoETransformer(nn.Module):
         for block in self.blocks:
             x, block_aux = block(x)
             aux.append(block_aux)
-        return self.head(self.norm(x)), torch.stack(aux).mean()
+        x = self.norm(x)
+        logits = emulated_bf16_linear(x, self.head.weight) if self.emulate_bf16 else self.head(x)
+        return logits, torch.stack(aux).mean()
 
 
-def build_model(cfg: ModelConfig, precision: str, backend: str, seed: int) -> MoETransformer:
-    """The model with its initial weights drawn on the CPU from ``seed`` (the same for every precision)."""
+def build_model(cfg: ModelConfig, precision: str, backend: str, seed: int, bf16_math: str = "native") -> MoETransformer:
+    """The model with its initial weights drawn on the CPU from ``seed`` (the same for every precision and
+    ``bf16_math``)."""
     torch.manual_seed(seed)
-    return MoETransformer(cfg, precision, backend)
+    return MoETransformer(cfg, precision, backend, bf16_math)
 
 
 def initial_weights(cfg: ModelConfig, seed: int) -> dict[str, np.ndarray]:
@@ -85,6 +127,8 @@ class TorchTrainer:
         precision: "bf16" or "fp8" expert GEMMs; backend: fp8moe backend.
         device: where to train; compile: wrap the model in ``torch.compile``.
         seed: seeds the initial weights (the same for every precision and framework).
+        bf16_math: "native" (``torch.autocast`` to bf16) or "emulated" (bf16 GEMMs as fp32 matmuls of
+            bf16-rounded operands, see the module's docstring).
     """
 
     def __init__(
@@ -96,9 +140,10 @@ class TorchTrainer:
         device: torch.device,
         compile: bool,
         seed: int,
+        bf16_math: str = "native",
     ) -> None:
-        self.model = build_model(cfg, precision, backend, seed).to(device)
-        self.train_cfg, self.device = train_cfg, device
+        self.model = build_model(cfg, precision, backend, seed, bf16_math).to(device)
+        self.train_cfg, self.device, self.autocast = train_cfg, device, bf16_math == "native"
         params = list(self.model.parameters())
         groups = [  # weight decay on matrices and expert stacks, not on norm gains
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": train_cfg.weight_decay},
@@ -115,7 +160,7 @@ class TorchTrainer:
 
     def _losses(self, batch: np.ndarray) -> tuple[Tensor, Tensor]:
         tokens = torch.from_numpy(batch).to(self.device, non_blocking=True).long()
-        with torch.autocast(self.device.type, dtype=torch.bfloat16):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             logits, aux = self.forward(tokens[:, :-1])
         ce = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
         return ce, aux

@@ -3,6 +3,7 @@
 import dataclasses
 import itertools
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -11,14 +12,9 @@ import pytest
 import torch
 
 import fp8moe
-
-sys.path.insert(0, str(Path(__file__).parent.parent / "experiments"))
-
-import compare
-import train_moe
-from _config import SIZES, TrainConfig, lr_at
-from data import held_out_batches, load_corpus, stdlib_path, train_batch
-
+from experiments import compare, train_moe
+from experiments._config import SIZES, TrainConfig, lr_at
+from experiments.data import held_out_batches, load_corpus, stdlib_path, train_batch
 from fp8moe.testing import sqnr_db
 
 JAX_MISSING = train_moe.jax_unavailable_reason()
@@ -94,9 +90,10 @@ def test_torch_and_jax_models_compute_the_same_function(precision, min_logits_db
     """Stage by stage: the attention path agrees to bf16 rounding, each MoE layer maps the same input to the
     same output, and end to end the logits agree as far as routing and FP8 rounding flips let them (small
     input differences flip bf16/e4m3 roundings inside the MoE and compound over the layers)."""
-    import _model_jax
     import jax.numpy as jnp
-    from _model_torch import build_model, initial_weights
+
+    from experiments import _model_jax
+    from experiments._model_torch import build_model, initial_weights
 
     cfg = SIZES["cpu"][0]
     tokens = train_batch(np.frombuffer(b"def main():\n    return 0\n" * 200, dtype=np.uint8), 0, 2, cfg.seq_len, 0)
@@ -139,23 +136,197 @@ def test_torch_and_jax_models_compute_the_same_function(precision, min_logits_db
     assert float(ce_jax) == pytest.approx(ce.item(), rel=1e-3)
 
 
-def test_train_moe_runs_learns_and_reports(tmp_path, capsys):
+def test_train_moe_runs_learns_and_reports(tmp_path, capsys, monkeypatch):
+    """All four runs at a smaller batch (JAX at its own, smaller one, as the GPU size sets it): each learns,
+    logs every step, and the summary, plot and console report them."""
+    from experiments import _config
+
+    cfg, train_cfg = SIZES["cpu"]
+    small = dataclasses.replace(train_cfg, batch_size=4, jax_batch_size=2, num_evals=2, eval_batches=2)
+    monkeypatch.setitem(_config.SIZES, "cpu", (cfg, small))
     data = stdlib_path() / "json"
-    logs = train_moe.main(["--size", "cpu", "--steps", "12", "--data", str(data), "--out", str(tmp_path)])
+    logs = train_moe.main(["--size", "cpu", "--steps", "8", "--data", str(data), "--out", str(tmp_path)])
     runs = {(log.framework, log.precision) for log in logs}
     frameworks = ("torch",) if JAX_MISSING else ("torch", "jax")
     assert runs == {(f, p) for f in frameworks for p in ("bf16", "fp8")}
+    batch = {"torch": 4, "jax": 2}
     for log in logs:
         record = json.loads((tmp_path / f"{log.framework}_{log.precision}.json").read_text())
-        assert len(record["train_loss"]) == 12 and all(np.isfinite(record["train_loss"]))
+        assert len(record["train_loss"]) == 8 and all(np.isfinite(record["train_loss"]))
         held_out = [loss for _, loss in record["held_out"]]
         assert held_out[0] > 5.0 and held_out[-1] < held_out[0] - 0.5  # from ~ln(256) down: it learns
-        assert record["ms_per_step"] > 0 and record["model"]["d_model"] == SIZES["cpu"][0].d_model
+        assert record["ms_per_step"] > 0 and record["model"]["d_model"] == cfg.d_model
+        assert record["train"]["batch_size"] == batch[log.framework]
+        assert log.tokens_per_step == batch[log.framework] * cfg.seq_len
     summary = (tmp_path / "summary.md").read_text()
     auto = fp8moe.backend_info("cuda" if torch.cuda.is_available() else "cpu")["auto"]  # the fp8 runs' backend
     assert f"| torch fp8 | fp8 {auto} |" in summary and "held-out gap vs bf16" in summary
+    if not torch.cuda.is_available():  # the torch runs emulate bf16 on a CPU, and say so
+        assert "| torch bf16 | bf16 (fp32-emulated) |" in summary and "bf16 math emulated in fp32" in summary
+    assert "Same weights, same batches" not in summary  # the frameworks saw different batches
     assert (tmp_path / "loss.png").stat().st_size > 10_000
-    assert summary.splitlines()[-1] in capsys.readouterr().out
+    out = capsys.readouterr()
+    assert summary.splitlines()[-1] in out.out and "All runs took" in summary
+    assert "all_runs_left=" in out.err  # the progress bar's estimate for all the runs
+
+
+def test_batch_size_flag_sets_every_run_batch_and_the_size_sets_jax_own(monkeypatch):
+    from experiments import _config
+
+    cfg, train_cfg = SIZES["cpu"]
+    monkeypatch.setitem(_config.SIZES, "cpu", (cfg, dataclasses.replace(train_cfg, jax_batch_size=2)))
+    _, sized = train_moe.configs(train_moe.parse_args(["--size", "cpu"]))
+    assert {f: c.batch_size for f, c in train_moe.run_configs(sized, ("torch", "jax")).items()} == {
+        "torch": train_cfg.batch_size,
+        "jax": 2,
+    }
+    _, flagged = train_moe.configs(train_moe.parse_args(["--size", "cpu", "--batch-size", "3", "--steps", "7"]))
+    assert flagged.steps == 7
+    assert {c.batch_size for c in train_moe.run_configs(flagged, ("torch", "jax")).values()} == {3}
+
+
+def test_an_fp8_backend_that_cannot_run_fails_before_the_first_step(tmp_path, capsys, monkeypatch):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    unavailable = [name for name, reason in fp8moe.backend_info(device)["backends"].items() if reason]
+    if not unavailable:
+        pytest.skip(f"every fp8moe backend can run on {device}")
+    argv = ["--size", "cpu", "--steps", "2", "--framework", "torch", "--out", str(tmp_path / "run")]
+    argv += ["--data", str(stdlib_path() / "json")]
+    with pytest.raises(SystemExit) as exc:
+        train_moe.main([*argv, "--backend", unavailable[0]])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: --backend {unavailable[0]}: the fp8 torch runs (on {device}) cannot use it" in err
+    assert not (tmp_path / "run").exists()  # nothing ran
+    # "auto" follows FP8MOE_BACKEND, checked the same way
+    monkeypatch.setenv("FP8MOE_BACKEND", unavailable[0])
+    with pytest.raises(SystemExit):
+        train_moe.main(argv)
+    assert "error: --backend auto:" in capsys.readouterr().err
+
+    # a bf16-only run needs no fp8 backend: it gets to its first step
+    class FirstStep(Exception):
+        pass
+
+    def first_step(*args, **kwargs):
+        raise FirstStep
+
+    monkeypatch.setattr(train_moe, "train", first_step)
+    with pytest.raises(FirstStep):
+        train_moe.main([*argv, "--precision", "bf16", "--backend", unavailable[0]])
+
+
+def make_log(framework, precision, held_out, tokens=512):
+    log = train_moe.RunLog(framework, precision, precision, "cpu", "native", len(held_out), tokens)
+    log.held_out = list(enumerate(held_out))
+    log.train_loss, log.step_ms = [h + 0.1 for h in held_out], [1.0] * len(held_out)
+    return log
+
+
+def test_held_out_gaps_are_fp8_against_bf16_per_framework_in_percent():
+    logs = [
+        make_log("torch", "bf16", [5.0, 4.0, 2.0]),
+        make_log("torch", "fp8", [5.0, 4.04, 2.01]),
+        make_log("jax", "bf16", [5.0, 4.0, 2.0]),
+    ]
+    gaps = train_moe.held_out_gaps(logs)
+    assert list(gaps) == ["torch"]  # JAX has no fp8 run to compare
+    steps, pct = gaps["torch"]
+    assert steps == [0, 1, 2] and pct == pytest.approx([0.0, 1.0, 0.5])
+
+
+def test_loss_plot_has_the_gap_panel(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    saved = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *args, **kwargs: saved.append(fig))
+    logs = [
+        make_log(f, p, list(np.linspace(5.5, 2.5, 11) * (1.01 if p == "fp8" else 1)))
+        for f in ("torch", "jax")
+        for p in ("bf16", "fp8")
+    ]
+    train_moe.plot(logs, "title", tmp_path / "loss.png")
+    (fig,) = saved
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["train loss (moving average)", "held-out loss", "held-out loss gap (% of the reference)"]
+    gap_lines = {line.get_label(): line.get_ydata() for line in fig.axes[2].get_lines()}
+    assert gap_lines["torch: fp8 - bf16"] == pytest.approx([1.0] * 11)
+    assert gap_lines["bf16: jax - torch (noise)"] == pytest.approx([0.0] * 11)
+
+
+def test_time_left_counts_the_runs_still_to_come():
+    time_left = train_moe.TimeLeft(num_runs=4)
+    assert time_left.estimate(elapsed=10.0, steps_done=10, steps=100) == pytest.approx(90 + 3 * 100)
+    time_left.finished += [50.0, 70.0]
+    assert time_left.estimate(elapsed=30.0, steps_done=50, steps=100) == pytest.approx(30 + 1 * 60)
+    assert train_moe.format_seconds(125.4) == "2:05"
+
+
+def test_emulated_bf16_gemms_give_the_values_of_bf16_gemms():
+    """The fp32 emulation of the CPU runs against torch's bf16 GEMMs: forward values and gradients agree to
+    the rounding of a bf16 result (the order of the additions differs), far closer than to fp32 math."""
+    from experiments._model_torch import emulated_bf16_grouped_mm, emulated_bf16_linear
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 256, generator=gen, requires_grad=True)
+    w = torch.randn(384, 256, generator=gen, requires_grad=True)
+    dy = torch.randn(300, 384, generator=gen)
+    y = emulated_bf16_linear(x, w)
+    (y.float() * dy).sum().backward()
+    grads = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_native = torch.nn.functional.linear(x, w)
+    (y_native.float() * dy).sum().backward()
+    assert y.dtype == y_native.dtype == torch.bfloat16
+    assert (y == y_native).float().mean() > 0.9 and sqnr_db(y_native.float(), y.float()) >= 50
+    for g, g_native in zip(grads, (x.grad, w.grad)):
+        assert sqnr_db(g_native, g) >= 50
+        assert torch.equal(g, g.to(torch.bfloat16).float())  # rounded to bf16, as bf16 GEMMs give them
+    assert sqnr_db(x.detach() @ w.detach().T, y.float()) < 55  # the bf16 rounding is there
+
+    xs = torch.randn(300, 256, generator=gen).to(torch.bfloat16).requires_grad_()
+    ws = torch.randn(3, 384, 256, generator=gen, requires_grad=True)
+    offsets = torch.tensor([100, 100, 300], dtype=torch.int32)
+    out = emulated_bf16_grouped_mm(xs, ws, offsets)
+    (out.float() * dy).sum().backward()
+    grads = xs.grad.clone(), ws.grad.clone()
+    xs.grad = ws.grad = None
+    out_native = torch._grouped_mm(xs, ws.to(torch.bfloat16).transpose(1, 2), offs=offsets)
+    (out_native.float() * dy).sum().backward()
+    assert out.dtype == torch.bfloat16 and (out == out_native).float().mean() > 0.9
+    assert sqnr_db(out_native.float(), out.float()) >= 50
+    for g, g_native in zip(grads, (xs.grad, ws.grad)):
+        assert sqnr_db(g_native.float(), g.float()) >= 50
+    assert ws.grad[1].eq(0).all()  # the empty group
+
+
+def test_emulated_bf16_model_matches_the_autocast_model():
+    """bf16: the emulated model computes the autocast model's logits to a few bf16 roundings. fp8: the emulated
+    model's MoE layers are plain ``MoE(precision="fp8")`` layers, the same bits (the emulation touches only
+    bf16 GEMMs)."""
+    from experiments._model_torch import build_model
+    from fp8moe.moe import MoE
+
+    cfg = SIZES["cpu"][0]
+    tokens = torch.from_numpy(train_batch(np.frombuffer(b"import os\n" * 500, np.uint8), 0, 2, cfg.seq_len, 0))
+    native = build_model(cfg, "bf16", "reference", seed=1)
+    emulated = build_model(cfg, "bf16", "reference", seed=1, bf16_math="emulated")
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits_native, aux_native = native(tokens[:, :-1].long())
+        logits, aux = emulated(tokens[:, :-1].long())
+    assert logits.dtype == torch.bfloat16
+    assert sqnr_db(logits_native.float(), logits.float()) >= 45
+    assert aux.item() == pytest.approx(aux_native.item(), rel=1e-4)
+
+    emulated = build_model(cfg, "fp8", "reference", seed=1, bf16_math="emulated")
+    x = torch.randn(100, cfg.d_model, generator=torch.Generator().manual_seed(2))
+    for block in emulated.blocks:
+        plain = MoE(cfg.d_model, cfg.d_ff, cfg.num_experts, cfg.top_k, precision="fp8", backend="reference")
+        plain.load_state_dict(block.moe.state_dict())
+        with torch.no_grad():
+            assert all(torch.equal(a, b) for a, b in zip(block.moe(x), plain(x)))
 
 
 def test_compare_reports_every_implementation_against_the_float64_recipe(capsys):
@@ -176,25 +347,29 @@ def test_compare_reports_every_implementation_against_the_float64_recipe(capsys)
     assert "pairwise SQNR (dB) of dw" in out
 
 
-@pytest.mark.skipif(JAX_MISSING is not None, reason=str(JAX_MISSING))
-def test_jax_runs_take_their_own_batch_where_the_size_sets_one(tmp_path, monkeypatch):
-    import _config
-
-    cfg, train_cfg = SIZES["cpu"]
-    monkeypatch.setitem(_config.SIZES, "cpu", (cfg, dataclasses.replace(train_cfg, jax_batch_size=2)))
-    argv = ["--size", "cpu", "--steps", "2", "--precision", "bf16", "--data", str(stdlib_path() / "json")]
-    logs = train_moe.main([*argv, "--out", str(tmp_path / "sized")])
-    tokens = {log.framework: log.tokens_per_step for log in logs}
-    assert tokens == {"torch": train_cfg.batch_size * cfg.seq_len, "jax": 2 * cfg.seq_len}
-    assert json.loads((tmp_path / "sized" / "jax_bf16.json").read_text())["train"]["batch_size"] == 2
-    assert "Same weights, same batches" not in (tmp_path / "sized" / "summary.md").read_text()
-    # an explicit --batch-size applies to both frameworks
-    logs = train_moe.main([*argv, "--batch-size", "3", "--out", str(tmp_path / "flag")])
-    assert {log.tokens_per_step for log in logs} == {3 * cfg.seq_len}
-
-
 @pytest.mark.parametrize("flag", ["--steps", "--batch-size"])
 def test_train_moe_rejects_a_count_below_one_naming_the_flag(flag, capsys):
     with pytest.raises(SystemExit):
         train_moe.parse_args([flag, "0"])
     assert f"{flag}: expected >= 1, got 0" in capsys.readouterr().err
+
+
+def test_train_moe_runs_as_a_file_from_any_folder(tmp_path):
+    """`python experiments/train_moe.py` re-runs itself as the module experiments.train_moe (here from a folder
+    outside the repository, the harder case); it needs no sys.path edits, and none of the training files make any."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parent.parent
+    script = repo / "experiments" / "train_moe.py"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(
+        [sys.executable, str(script), "--steps", "0"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "--steps: expected >= 1, got 0" in result.stderr, result.stderr
+    for name in ("train_moe", "_config", "_model_torch", "_model_jax", "data"):
+        assert "sys.path" not in (repo / "experiments" / f"{name}.py").read_text()

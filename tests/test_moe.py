@@ -201,9 +201,71 @@ def test_bad_constructor_arguments_name_the_argument(kwargs, match):
         MoE(**args, precision=precision, backend=backend)
 
 
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("top_k", 1.5),
+        ("top_k", 2.0),
+        ("d_model", "128"),
+        ("d_model", 128.0),
+        ("d_ff", None),
+        ("num_experts", True),
+        ("top_k", True),
+        ("precision", 8),
+        ("precision", None),
+        ("backend", b"auto"),
+    ],
+)
+def test_constructor_argument_of_the_wrong_type_is_a_type_error_naming_it(name, value):
+    args = {"d_model": D, "d_ff": FF, "num_experts": E, "top_k": K, "precision": "fp8", "backend": "auto"}
+    with pytest.raises(TypeError, match=f"^{name}: expected an? (int|str), got {type(value).__name__}"):
+        MoE(**(args | {name: value}))
+
+
+def test_integer_sizes_of_any_integral_type_are_accepted():
+    layer = MoE(np.int64(D), np.int32(FF), np.int16(E), np.int8(K), backend="reference")
+    assert (layer.d_model, layer.d_ff, layer.num_experts, layer.top_k) == (D, FF, E, K)
+    assert all(type(v) is int for v in (layer.d_model, layer.d_ff, layer.num_experts, layer.top_k))
+
+
 def test_wrong_input_width_is_rejected():
     with pytest.raises(ValueError, match="x: expected last dimension"):
         make_layer("bf16")(make_tokens(9, shape=(10, 2 * D)))
+    with pytest.raises(ValueError, match="x: expected last dimension"):
+        make_layer("bf16")(torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool, torch.complex64])
+def test_non_floating_input_is_a_type_error_naming_x(dtype):
+    with pytest.raises(TypeError, match=f"^x: expected a floating-point tensor .*got {dtype}"):
+        make_layer("fp8")(torch.ones(4, D, dtype=dtype))
+    with pytest.raises(TypeError, match="^x: expected a torch.Tensor, got ndarray"):
+        make_layer("fp8")(np.ones((4, D), np.float32))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+@pytest.mark.parametrize("shape", [(0, D), (2, 0, D)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_zero_tokens_give_an_empty_output_a_zero_aux_loss_and_a_backward(precision, shape, dtype):
+    layer = make_layer(precision)
+    x = torch.zeros(shape, dtype=dtype, requires_grad=True)
+    y, aux = layer(x)
+    assert y.shape == x.shape and y.dtype == dtype
+    assert aux.shape == () and aux.dtype == torch.float32 and aux.item() == 0.0
+    (y.float().sum() + aux).backward()
+    assert x.grad.shape == x.shape
+    for p in layer.parameters():  # the weights got a (zero) gradient: the graph reached them
+        assert p.grad is not None and p.grad.eq(0).all()
+
+
+def test_jax_twin_takes_zero_tokens_too(jax_moe, jax_on_cpu):
+    import jax
+    import jax.numpy as jnp
+
+    params = jax_moe.init_moe_params(jax.random.key(0), D, FF, E)
+    for precision in ("bf16", "fp8"):
+        y, _ = jax_moe.moe_layer(params, jnp.zeros((0, D)), top_k=K, precision=precision, backend="reference")
+        assert y.shape == (0, D)
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ Routing, for T tokens and E experts:
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -33,16 +34,23 @@ from fp8moe.moe.routing import SCORES, plan_routing, route
 from fp8moe.recipe import BLOCK
 
 
+def _as_int(name: str, value: object) -> int:
+    """``value`` as an int; anything but an integer (bool included, floats such as 128.0 too) is a TypeError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
 class MoE(nn.Module):
     """Top-k routed SwiGLU experts: ``y[t] = sum_j combine[t, j] * expert_{e_j}(x[t])``.
 
     ``expert_e(v) = w_down[e] @ (silu(g) * u)`` with ``[g; u] = w_gate_up[e] @ v``.
 
     Args:
-        d_model: D, model width (multiple of 128).
-        d_ff: F, expert hidden width (multiple of 128).
-        num_experts: E.
-        top_k: experts per token, ``1 <= top_k <= E``.
+        d_model: D, model width (an int, multiple of 128).
+        d_ff: F, expert hidden width (an int, multiple of 128).
+        num_experts: E (an int).
+        top_k: experts per token, an int with ``1 <= top_k <= E``.
         precision: "fp8" (:func:`fp8moe.grouped_mm`, blockwise FP8 with fp32 master weights) or "bf16"
             (``torch._grouped_mm`` on the weights cast to bf16).
         backend: fp8moe backend for ``precision="fp8"`` ("auto", "reference", "triton", "deepgemm").
@@ -69,6 +77,13 @@ class MoE(nn.Module):
         score: str = "softmax",
     ) -> None:
         super().__init__()
+        d_model, d_ff, num_experts, top_k = (
+            _as_int(name, value)
+            for name, value in (("d_model", d_model), ("d_ff", d_ff), ("num_experts", num_experts), ("top_k", top_k))
+        )
+        for name, value in (("precision", precision), ("backend", backend)):
+            if not isinstance(value, str):
+                raise TypeError(f"{name}: expected a str, got {type(value).__name__} {value!r}")
         for name, value in (("d_model", d_model), ("d_ff", d_ff)):
             if value <= 0 or value % BLOCK:
                 raise ValueError(f"{name}: expected a positive multiple of {BLOCK}, got {value}")
@@ -122,8 +137,15 @@ class MoE(nn.Module):
         return grouped_mm(x, w, offsets, backend=self.backend, out_dtype=torch.bfloat16)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x (..., D) -> (y (..., D) in x's dtype, aux_loss () fp32). Expert activations are bf16."""
-        if x.shape[-1] != self.d_model:
+        """x (..., D) -> (y (..., D) in x's dtype, aux_loss () fp32). Expert activations are bf16.
+
+        x must be a floating-point tensor; ``...`` may hold zero tokens (then y is empty and aux_loss is 0).
+        """
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"x: expected a floating-point tensor (e.g. bf16 or fp32), got {x.dtype}")
+        if x.dim() == 0 or x.shape[-1] != self.d_model:
             raise ValueError(f"x: expected last dimension d_model = {self.d_model}, got shape {tuple(x.shape)}")
         tokens = x.reshape(-1, self.d_model)
         num_tokens, k = tokens.shape[0], self.top_k
@@ -144,7 +166,7 @@ class MoE(nn.Module):
             )
             return y.reshape(x.shape), routing.aux_loss
         # Gather from the flat (T*k, D) assignment list: unique indices, so the backward is deterministic.
-        assignments = tokens.to(torch.bfloat16).unsqueeze(1).expand(-1, k, -1).reshape(num_tokens * k, -1)
+        assignments = tokens.to(torch.bfloat16).unsqueeze(1).expand(-1, k, -1).reshape(num_tokens * k, self.d_model)
         sorted_x = assignments.index_select(0, routing.order)
         h = self._expert_mm(sorted_x, self.w_gate_up, routing.offsets)  # (T*k, 2F)
         a = F.silu(h[:, : self.d_ff]) * h[:, self.d_ff :]

@@ -82,8 +82,10 @@ def route(
     order = torch.argsort(flat, stable=True)
     counts = torch.zeros(num_experts, dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
     offsets = torch.cumsum(counts, 0).to(torch.int32)
+    # Zero tokens (a static shape, no sync) give aux_loss 0, not the 0/0 of an empty mean.
     fraction = counts.float() / max(flat.numel(), 1)
-    aux_loss = num_experts * (fraction * balance.mean(dim=0)).sum()
+    mean_balance = balance.mean(dim=0) if x.shape[0] else balance.sum(dim=0)
+    aux_loss = num_experts * (fraction * mean_balance).sum()
     return Routing(order, offsets, combine, experts, aux_loss)
 
 
