@@ -87,6 +87,28 @@ def deepgemm_m_grouped(
     return padded.index_select(0, plan.row_to_padded)
 
 
+_WGRAD_CHUNKS = 4  # a bf16 dw's fp32 accumulator is computed in this many runs of experts
+
+
+def _k_grouped(
+    a: Tensor, sa: Tensor, b: Tensor, sb: Tensor, d: Tensor, ks: list[int], ks_tensor: Tensor, first_token: int
+) -> None:
+    """d[g] += a_g @ b_g^T for the run of groups whose padded token counts are ``ks``, starting at padded
+    token ``first_token`` of the flat token-tile operands (a run of groups is contiguous in them)."""
+    n, k, total = sa.shape[1], sb.shape[1], sum(ks)
+    if total == 0:
+        return  # no tokens: nothing to add (DeepGEMM needs none of this run's operands)
+    blocks = slice(first_token // 128, (first_token + total) // 128)
+    deep_gemm.k_grouped_fp8_gemm_nt_contiguous(
+        (a[n * first_token : n * (first_token + total)], sa[blocks].T),
+        (b[k * first_token : k * (first_token + total)], sb[blocks].T),
+        d,
+        ks,
+        ks_tensor,
+        c=d,
+    )
+
+
 class DeepGEMMKGrouped:
     def prefetch(self, plan: GroupLayout) -> None:
         """Called by the forward when a weight gradient will follow: start the one host read (the padded
@@ -107,24 +129,28 @@ class DeepGEMMKGrouped:
                 if out is None:
                     raise ValueError("out: accumulate=True needs the buffer to add into")
                 d = check_out("main_grad", out, shape, torch.float32, a.device)
-            elif out is not None and out_dtype == torch.float32:
-                d = check_out("dw_out", out, shape, out_dtype, a.device).zero_()
-            else:
-                d = torch.zeros(shape, dtype=torch.float32, device=a.device)
+            elif out_dtype == torch.float32:
+                d = torch.zeros(shape, dtype=torch.float32, device=a.device) if out is None else out
+                d = check_out("dw_out", d, shape, out_dtype, a.device).zero_()
+            else:  # bf16/fp16 dw: fp32 results for a few experts at a time, each chunk cast into dw
+                d = torch.empty(shape, dtype=out_dtype, device=a.device) if out is None else out
+                d = check_out("dw_out", d, shape, out_dtype, a.device)
             if ks_ready is not None:
                 ks_ready.synchronize()
             ks = ks_host.tolist()
-            blocks = sum(ks) // 128
-            deep_gemm.k_grouped_fp8_gemm_nt_contiguous(
-                (a[: n * blocks * 128], sa[:blocks].T),
-                (b[: k * blocks * 128], sb[:blocks].T),
-                d,
-                ks,
-                plan.padded_sizes,
-                c=d,
-            )
             if accumulate or out_dtype == torch.float32:
+                _k_grouped(a, sa, b, sb, d, ks, plan.padded_sizes, 0)
                 return d
-            return into("dw_out", out, d.to(out_dtype))
+            # The fp32 accumulator of a whole bf16 dw would be twice dw's bytes at the peak of the backward.
+            chunk = -(-plan.num_groups // _WGRAD_CHUNKS)
+            scratch = torch.empty((min(chunk, plan.num_groups), n, k), dtype=torch.float32, device=a.device)
+            first_token = 0
+            for g0 in range(0, plan.num_groups, chunk):
+                g1 = min(plan.num_groups, g0 + chunk)
+                part = scratch[: g1 - g0].zero_()
+                _k_grouped(a, sa, b, sb, part, ks[g0:g1], plan.padded_sizes[g0:g1], first_token)
+                d[g0:g1].copy_(part)
+                first_token += sum(ks[g0:g1])
+            return d
 
         return wgrad
