@@ -437,7 +437,8 @@ def run(args: argparse.Namespace) -> list[RunLog]:
     if "jax" in run_cfgs and run_cfgs["jax"] is not train_cfg:
         print(f"JAX runs: batch {run_cfgs['jax'].batch_size} ({run_cfgs['jax'].batch_size * cfg.seq_len} tokens/step)")
     if "torch" in frameworks:
-        print(f"torch: bf16 math {torch_bf16_math} (--bf16-math), {torch.get_num_threads()} threads (--threads)")
+        threads = torch.get_num_threads()
+        print(f"torch: bf16 math {torch_bf16_math} (--bf16-math), {threads} thread{'s' * (threads > 1)} (--threads)")
     for framework, reason in skipped.items():
         print(f"skipping {framework}: {reason}")
 
@@ -495,7 +496,7 @@ def run(args: argparse.Namespace) -> list[RunLog]:
     if note := bf16_note(logs):
         table += f"\n\n{note}"
     plot(logs, title, out / "loss.png")
-    took = f"All runs took {format_seconds(time.perf_counter() - started)} (m:ss) in all."
+    took = f"Total time {format_seconds(time.perf_counter() - started)} (m:ss): runs, evaluations and reports."
     (out / "summary.md").write_text(f"{title}\n\n{table}\n\n{took}\n")
     print(f"\n{title}\n{table}\n\n{took}\nwrote {out}/summary.md, loss.png and one JSON log per run")
     return logs
