@@ -4,15 +4,19 @@ Trains a small byte-level decoder-only transformer with MoE feed-forwards (top-k
 on grouped GEMMs) once per (framework, precision), from the same initial weights on the same batches,
 and compares the loss curves. Only the expert GEMMs differ between the precisions: bf16
 (``torch._grouped_mm`` / ``jax.lax.ragged_dot``) or blockwise FP8 (``fp8moe.grouped_mm`` /
-``jax_bridge.grouped_mm``); the rest of the model runs in bf16 autocast-style mixed precision in both.
+``jax_bridge.grouped_mm``); the rest of the model runs in bf16 autocast-style mixed precision in both. On a
+CPU the torch runs emulate their bf16 GEMMs in fp32 (``--bf16-math``; bf16-rounded operands and results, see
+``experiments/_model_torch.py``), and the summary says so.
 
 Data: the Python standard library's source files by default (``--data PATH`` for a text file or folder),
 split by file into train and held-out sets (see ``experiments/data.py``).
 
-Writes to ``--out`` (default ``experiments/runs/<date>-<size>``): one JSON log per run, ``loss.png``
-(train and held-out loss of every run) and ``summary.md`` (the table printed at the end).
+Every fp8 run's backend is checked before the first step. Writes to ``--out`` (default
+``experiments/runs/<date>-<size>``): one JSON log per run, ``loss.png`` (train and held-out loss of every
+run, and the held-out gap of fp8 vs bf16 in percent) and ``summary.md`` (the table printed at the end).
 
     python experiments/train_moe.py                      # all four runs at the size for this machine
+    python -m experiments.train_moe                      # the same (what the first re-runs itself as)
     python experiments/train_moe.py --framework torch --precision fp8 --steps 300 --size cpu
 """
 
