@@ -4,15 +4,19 @@ Trains a small byte-level decoder-only transformer with MoE feed-forwards (top-k
 on grouped GEMMs) once per (framework, precision), from the same initial weights on the same batches,
 and compares the loss curves. Only the expert GEMMs differ between the precisions: bf16
 (``torch._grouped_mm`` / ``jax.lax.ragged_dot``) or blockwise FP8 (``fp8moe.grouped_mm`` /
-``jax_bridge.grouped_mm``); the rest of the model runs in bf16 autocast-style mixed precision in both.
+``jax_bridge.grouped_mm``); the rest of the model runs in bf16 autocast-style mixed precision in both. On a
+CPU the torch runs emulate their bf16 GEMMs in fp32 (``--bf16-math``; bf16-rounded operands and results, see
+``experiments/_model_torch.py``), and the summary says so.
 
 Data: the Python standard library's source files by default (``--data PATH`` for a text file or folder),
 split by file into train and held-out sets (see ``experiments/data.py``).
 
-Writes to ``--out`` (default ``experiments/runs/<date>-<size>``): one JSON log per run, ``loss.png``
-(train and held-out loss of every run) and ``summary.md`` (the table printed at the end).
+Every fp8 run's backend is checked before the first step. Writes to ``--out`` (default
+``experiments/runs/<date>-<size>``): one JSON log per run, ``loss.png`` (train and held-out loss of every
+run, and the held-out gap of fp8 vs bf16 in percent) and ``summary.md`` (the table printed at the end).
 
     python experiments/train_moe.py                      # all four runs at the size for this machine
+    python -m experiments.train_moe                      # the same (what the first re-runs itself as)
     python experiments/train_moe.py --framework torch --precision fp8 --steps 300 --size cpu
 """
 
@@ -437,7 +441,8 @@ def run(args: argparse.Namespace) -> list[RunLog]:
     if "jax" in run_cfgs and run_cfgs["jax"] is not train_cfg:
         print(f"JAX runs: batch {run_cfgs['jax'].batch_size} ({run_cfgs['jax'].batch_size * cfg.seq_len} tokens/step)")
     if "torch" in frameworks:
-        print(f"torch: bf16 math {torch_bf16_math} (--bf16-math), {torch.get_num_threads()} threads (--threads)")
+        threads = torch.get_num_threads()
+        print(f"torch: bf16 math {torch_bf16_math} (--bf16-math), {threads} thread{'s' * (threads > 1)} (--threads)")
     for framework, reason in skipped.items():
         print(f"skipping {framework}: {reason}")
 
@@ -495,7 +500,7 @@ def run(args: argparse.Namespace) -> list[RunLog]:
     if note := bf16_note(logs):
         table += f"\n\n{note}"
     plot(logs, title, out / "loss.png")
-    took = f"All runs took {format_seconds(time.perf_counter() - started)} (m:ss) in all."
+    took = f"Total time {format_seconds(time.perf_counter() - started)} (m:ss): runs, evaluations and reports."
     (out / "summary.md").write_text(f"{title}\n\n{table}\n\n{took}\n")
     print(f"\n{title}\n{table}\n\n{took}\nwrote {out}/summary.md, loss.png and one JSON log per run")
     return logs

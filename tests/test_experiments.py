@@ -166,7 +166,7 @@ def test_train_moe_runs_learns_and_reports(tmp_path, capsys, monkeypatch):
     assert "Same weights, same batches" not in summary  # the frameworks saw different batches
     assert (tmp_path / "loss.png").stat().st_size > 10_000
     out = capsys.readouterr()
-    assert summary.splitlines()[-1] in out.out and "All runs took" in summary
+    assert summary.splitlines()[-1] in out.out and "Total time" in summary
     assert "all_runs_left=" in out.err  # the progress bar's estimate for all the runs
 
 
