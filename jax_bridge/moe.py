@@ -60,8 +60,10 @@ def route(x: jax.Array, router: jax.Array, top_k: int) -> Routing:
     order = jnp.argsort(flat, stable=True).astype(jnp.int32)
     counts = jnp.zeros(num_experts, jnp.int32).at[flat].add(1)
     offsets = jnp.cumsum(counts).astype(jnp.int32)
-    fraction = counts.astype(jnp.float32) / flat.size
-    aux_loss = num_experts * jnp.sum(fraction * probs.mean(axis=0))
+    # Zero tokens (a static shape) give aux_loss 0, not the NaN of an empty mean, as in the torch twin.
+    fraction = counts.astype(jnp.float32) / max(flat.size, 1)
+    mean_probs = probs.mean(axis=0) if x.shape[0] else probs.sum(axis=0)
+    aux_loss = num_experts * jnp.sum(fraction * mean_probs)
     return Routing(order, counts, offsets, combine, experts, aux_loss)
 
 
