@@ -54,7 +54,15 @@ import torch
 from torch import Tensor
 
 import fp8moe
-from fp8moe.testing import ROUTING_PRESETS, Timing, routing_offsets, run_environment, saved_tensor_bytes, time_call
+from fp8moe.testing import (
+    ROUTING_PRESETS,
+    Timing,
+    check_size_flags,
+    routing_offsets,
+    run_environment,
+    saved_tensor_bytes,
+    time_call,
+)
 
 SEED_SHAPE = dict(experts=8, rows=32768, n=2048, k=7168)
 SMOKE_SHAPE = dict(experts=4, rows=256, n=128, k=128)
@@ -482,12 +490,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-profile", action="store_true", help="no profiler trace (no launches, GPU kernel ms)")
     parser.add_argument("--out", type=Path, default=None, help="default: experiments/results (GPU); none on CPU")
     args = parser.parse_args(argv)
-    for flag in ("experts", "rows", "calls"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag}: expected >= 1, got {getattr(args, flag)}")
-    for flag in ("n", "k"):
-        if getattr(args, flag) < 1 or getattr(args, flag) % 128:
-            parser.error(f"--{flag}: expected a positive multiple of 128, got {getattr(args, flag)}")
+    check_size_flags(parser, args)
     args.routings = args.routings.split(",")
     for routing in args.routings:
         if routing not in ROUTING_PRESETS:

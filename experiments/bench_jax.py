@@ -45,7 +45,14 @@ import torch  # noqa: E402
 
 import fp8moe  # noqa: E402
 import jax_bridge  # noqa: E402
-from fp8moe.testing import ROUTING_PRESETS, Timing, routing_offsets, run_environment, time_call  # noqa: E402
+from fp8moe.testing import (  # noqa: E402
+    ROUTING_PRESETS,
+    Timing,
+    check_size_flags,
+    routing_offsets,
+    run_environment,
+    time_call,
+)
 
 CPU_SMOKE_SHAPE = dict(experts=4, rows=256, n=128, k=128)
 RAGGED = "jax.lax.ragged_dot bf16"
@@ -248,12 +255,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-profile", action="store_true", help="no profiler trace (no launches, GPU kernel ms)")
     parser.add_argument("--out", type=Path, default=None, help="default: experiments/results (GPU); none on CPU")
     args = parser.parse_args(argv)
-    for flag in ("experts", "rows", "calls"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag}: expected >= 1, got {getattr(args, flag)}")
-    for flag in ("n", "k"):
-        if getattr(args, flag) < 1 or getattr(args, flag) % 128:
-            parser.error(f"--{flag}: expected a positive multiple of 128, got {getattr(args, flag)}")
+    check_size_flags(parser, args)
     return args
 
 

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 import fp8moe
-from fp8moe.testing import ROUTING_PRESETS, grouped_mm_fwd_bwd, routing_offsets, sqnr_db
+from fp8moe.testing import ROUTING_PRESETS, check_size_flags, grouped_mm_fwd_bwd, routing_offsets, sqnr_db
 
 TENSORS = ("y", "dx", "dw")
 REFERENCE = "float64 recipe"
@@ -160,13 +160,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    for flag in ("rows", "experts"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag}: expected >= 1, got {getattr(args, flag)}")
-    for flag in ("n", "k"):
-        value = getattr(args, flag)
-        if value < 1 or value % 128:
-            parser.error(f"--{flag}: expected a positive multiple of 128, got {value}")
+    check_size_flags(parser, args, counts=("rows", "experts"))
     if args.seed < 0:
         parser.error(f"--seed: expected >= 0, got {args.seed}")
     try:

@@ -555,3 +555,14 @@ def run_environment(packages: Iterable[str] = ("torch", "triton", "deep_gemm", "
         "commit": git_commit(),
         "versions": {name: package_version(name) for name in packages},
     }
+
+
+def check_size_flags(parser, args, counts: tuple[str, ...] = ("experts", "rows", "calls")) -> None:
+    """The command-line checks the benchmarks share, as one-line ``parser.error`` exits: each flag in
+    ``counts`` >= 1, and ``--n`` / ``--k`` positive multiples of 128."""
+    for flag in counts:
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag}: expected >= 1, got {getattr(args, flag)}")
+    for flag in ("n", "k"):
+        if getattr(args, flag) < 1 or getattr(args, flag) % 128:
+            parser.error(f"--{flag}: expected a positive multiple of 128, got {getattr(args, flag)}")
