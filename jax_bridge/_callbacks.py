@@ -105,12 +105,9 @@ class ForwardCallback:
             if self.with_dx or self.with_dw:
                 as_torch(next(results)).copy_(plan.data)
             wq, sw, _, _ = backend.quantize_weight(w_t, self.with_dx, out_t=out_t)
-            _, xt, sxt = backend.forward(
-                x_t, wq, sw, plan, self.out_dtype, token_tiles=self.with_dw, out=as_torch(out[0])
+            backend.forward(
+                x_t, wq, sw, plan, self.out_dtype, token_tiles=self.with_dw, out=as_torch(out[0]), tiles_out=tiles_out
             )
-            if tiles_out is not None:
-                tiles_out[0].copy_(xt)
-                tiles_out[1].copy_(sxt)
 
 
 @dataclass(frozen=True)

@@ -128,6 +128,10 @@ def interpreter_checks() -> None:
         y_out, dw_out = torch.full_like(y, math.nan), torch.full_like(dw, math.nan).bfloat16()
         got, xt, sxt = backend.forward(x, wq, sw, plan, torch.float32, token_tiles=True, out=y_out)
         assert got is y_out and torch.equal(y_out, y)
+        bufs = (torch.empty_like(xt), torch.empty_like(sxt))  # token tiles into given buffers (the JAX bridge)
+        _, xt2, sxt2 = backend.forward(x, wq, sw, plan, torch.float32, token_tiles=True, tiles_out=bufs)
+        assert xt2 is bufs[0] and sxt2 is bufs[1]
+        assert torch.equal(xt2.view(torch.uint8), xt.view(torch.uint8)) and torch.equal(sxt2, sxt)
         y16 = backend.forward(x, wq, sw, plan, torch.bfloat16)[0]
         y16_out = torch.full_like(y_out, math.nan).bfloat16()
         assert backend.forward(x, wq, sw, plan, torch.bfloat16, out=y16_out)[0] is y16_out

@@ -38,8 +38,11 @@ from fp8moe.validation import check_out
 class Quantizer(Protocol):
     """The recipe of :mod:`fp8moe.recipe` written into the GEMM layouts."""
 
-    def tokens(self, x: Tensor, plan: GroupLayout, rows: bool, token_tiles: bool) -> tuple[Tensor, ...]:
-        """x (M, C) -> the rows pair (if ``rows``) then the token-tile pair (if ``token_tiles``)."""
+    def tokens(
+        self, x: Tensor, plan: GroupLayout, rows: bool, token_tiles: bool, tiles_out: tuple | None = None
+    ) -> tuple[Tensor, ...]:
+        """x (M, C) -> the rows pair (if ``rows``) then the token-tile pair (if ``token_tiles``; written into
+        ``tiles_out``, a (values, scales) pair of buffers, when given)."""
 
     def weight(self, w: Tensor, transposed: bool, out_t: tuple[Tensor, Tensor] | None) -> tuple[Tensor, ...]:
         """w (E, N, K) -> (wq, sw, wq_t, sw_t); the last two are empty tensors unless ``transposed``."""
@@ -146,12 +149,13 @@ class Backend:
         *,
         token_tiles: bool = False,
         out: Tensor | None = None,
+        tiles_out: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """x (M, K) -> (y (M, N) ``out_dtype``, xt, sxt): x's token tiles (the wgrad operand, from the same
-        read of x) when ``token_tiles``, else None."""
+        read of x) when ``token_tiles``, else None; ``tiles_out``: buffers for (xt, sxt)."""
         if token_tiles and hasattr(self.k_grouped, "prefetch"):
             self.k_grouped.prefetch(plan)  # what the weight gradient's provider will need from the host
-        xq, sx, *tiles = self.quantizer.tokens(x, plan, True, token_tiles)
+        xq, sx, *tiles = self.quantizer.tokens(x, plan, True, token_tiles, tiles_out)
         y = self.m_grouped(xq, sx, wq, sw, plan, out_dtype, out)
         xt, sxt = tiles if token_tiles else (None, None)
         return y, xt, sxt

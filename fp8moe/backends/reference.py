@@ -39,7 +39,9 @@ def _groups(plan: GroupLayout) -> list[tuple[int, int]]:
 class ReferenceQuantizer:
     """:mod:`fp8moe.quant.reference` placed in the GEMM layouts of :mod:`fp8moe.backends.base`."""
 
-    def tokens(self, x: Tensor, plan: GroupLayout, rows: bool, token_tiles: bool) -> tuple[Tensor, ...]:
+    def tokens(
+        self, x: Tensor, plan: GroupLayout, rows: bool, token_tiles: bool, tiles_out: tuple | None = None
+    ) -> tuple[Tensor, ...]:
         padded = pad_rows(x, plan)
         result: tuple[Tensor, ...] = ()
         if rows:
@@ -53,6 +55,9 @@ class ReferenceQuantizer:
             end = sum(length for _, length in groups)
             for start, length in [*groups, (end, mp - end)]:  # the tail block of zero tokens last
                 flat[cols * start : cols * (start + length)] = q[start : start + length].T.reshape(-1)
+            if tiles_out is not None:
+                flat = into("tiles_out[0]", tiles_out[0], flat)
+                s = into("tiles_out[1]", tiles_out[1], s)
             result += (flat, s)
         return result
 

@@ -27,8 +27,10 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 
 class TritonQuantizer:
-    def tokens(self, x: Tensor, plan: GroupLayout, rows: bool, token_tiles: bool) -> tuple[Tensor, ...]:
-        return kq.quantize_tokens(x, plan, rowwise=rows, token_tiles=token_tiles)
+    def tokens(
+        self, x: Tensor, plan: GroupLayout, rows: bool, token_tiles: bool, tiles_out: tuple | None = None
+    ) -> tuple[Tensor, ...]:
+        return kq.quantize_tokens(x, plan, rowwise=rows, token_tiles=token_tiles, token_tiles_out=tiles_out)
 
     def weight(self, w: Tensor, transposed: bool, out_t: tuple[Tensor, Tensor] | None) -> tuple[Tensor, ...]:
         return kq.quantize_weight(w, transposed, out_t=out_t)

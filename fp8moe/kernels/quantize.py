@@ -534,7 +534,13 @@ def _check_tokens(x: object, layout: object, name: str) -> None:
 
 
 def quantize_tokens(
-    x: Tensor, layout: GroupLayout, *, rowwise: bool = True, token_tiles: bool = True, name: str = "x"
+    x: Tensor,
+    layout: GroupLayout,
+    *,
+    rowwise: bool = True,
+    token_tiles: bool = True,
+    name: str = "x",
+    token_tiles_out: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, ...]:
     """Quantize tokens x (M, C) bf16/fp16/fp32 (unit column stride, any row stride; M = ``layout.num_rows``,
     C a multiple of 128) into the grouped layouts of ``layout``, reading x once.
@@ -548,6 +554,8 @@ def quantize_tokens(
 
     (Mp = ``layout.num_padded_rows``) in the layouts of the module docstring; padding is written as code 0,
     scale 0. ``name`` is the argument's name in error messages (``"dy"`` for gradients).
+    ``token_tiles_out``: buffers (contiguous, of exactly those shapes and dtypes) the token-tile pair is
+    written into and returned as.
     """
     _check_tokens(x, layout, name)
     for flag, value in (("rowwise", rowwise), ("token_tiles", token_tiles)):
@@ -558,8 +566,12 @@ def quantize_tokens(
     mp, cols = layout.num_padded_rows, x.shape[1]
     q = x.new_empty((mp, cols), dtype=FP8_DTYPE) if rowwise else None  # None: compiled out of the kernel
     s = x.new_empty((cols // BLOCK, mp), dtype=torch.float32) if rowwise else None
-    qt = x.new_empty((cols * mp,), dtype=FP8_DTYPE) if token_tiles else None
-    st = x.new_empty((mp // BLOCK, cols), dtype=torch.float32) if token_tiles else None
+    if token_tiles and token_tiles_out is not None:  # the caller's buffers (the JAX bridge's residuals)
+        qt = check_out("token_tiles_out[0]", token_tiles_out[0], (cols * mp,), FP8_DTYPE, x.device)
+        st = check_out("token_tiles_out[1]", token_tiles_out[1], (mp // BLOCK, cols), torch.float32, x.device)
+    else:
+        qt = x.new_empty((cols * mp,), dtype=FP8_DTYPE) if token_tiles else None
+        st = x.new_empty((mp // BLOCK, cols), dtype=torch.float32) if token_tiles else None
     if mp and cols:
 
         def grid(meta: dict) -> tuple[int]:
