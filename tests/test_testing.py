@@ -280,11 +280,8 @@ def test_compare_rejects_a_bad_flag_in_one_line():
     ],
 )
 def test_compare_argument_errors(argv, message, capsys):
-    sys.path.insert(0, str(ROOT / "experiments"))
-    try:
-        import compare
-    finally:
-        sys.path.remove(str(ROOT / "experiments"))
+    from experiments import compare
+
     with pytest.raises(SystemExit) as exc:
         compare.parse_args(argv)
     assert exc.value.code == 2
@@ -294,16 +291,9 @@ def test_compare_argument_errors(argv, message, capsys):
 # ---------------------------------------------------------------------------------------------- benchmarks
 
 
-@pytest.fixture
-def experiments_path():
-    sys.path.insert(0, str(ROOT / "experiments"))
-    yield
-    sys.path.remove(str(ROOT / "experiments"))
-
-
 @on_cpu_only
-def test_bench_grouped_mm_cpu_smoke_run(tmp_path, experiments_path, capsys):
-    import bench_grouped_mm
+def test_bench_grouped_mm_cpu_smoke_run(tmp_path, capsys):
+    from experiments import bench_grouped_mm
 
     report = bench_grouped_mm.main(["--routings", "skewed", "--out", str(tmp_path)])
     out = capsys.readouterr().out
@@ -320,8 +310,8 @@ def test_bench_grouped_mm_cpu_smoke_run(tmp_path, experiments_path, capsys):
 
 
 @on_cpu_only
-def test_bench_grouped_mm_writes_nothing_on_cpu_without_out(tmp_path, experiments_path, monkeypatch):
-    import bench_grouped_mm
+def test_bench_grouped_mm_writes_nothing_on_cpu_without_out(tmp_path, monkeypatch):
+    from experiments import bench_grouped_mm
 
     monkeypatch.setattr(bench_grouped_mm, "REPO", tmp_path)
     bench_grouped_mm.main(["--routings", "balanced"])
@@ -329,9 +319,9 @@ def test_bench_grouped_mm_writes_nothing_on_cpu_without_out(tmp_path, experiment
 
 
 @on_cpu_only
-def test_bench_jax_cpu_smoke_run_prints_only_the_table(tmp_path, experiments_path, capsys):
+def test_bench_jax_cpu_smoke_run_prints_only_the_table(tmp_path, capsys):
     pytest.importorskip("jax")
-    import bench_jax
+    from experiments import bench_jax
 
     report = bench_jax.main(["--out", str(tmp_path)])
     out = capsys.readouterr().out
