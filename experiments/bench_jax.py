@@ -4,7 +4,8 @@ In one run, on one GPU, for each fp8moe GPU backend: ``jax_bridge.grouped_mm`` j
 forward + backward through ``jax.vjp``, returning y, dx, dw) beside ``fp8moe.grouped_mm`` called from torch
 on the same values (forward under ``no_grad``; forward + backward through ``torch.autograd.grad``; with
 ``cache_weight=False`` where that option exists, since the bridge quantizes the weight in every call),
-and ``jax.lax.ragged_dot`` in bf16 (forward, and forward + backward) as the JAX baseline. Also checks that
+and ``jax.lax.ragged_dot`` in bf16 (forward, and forward + backward) as the JAX baseline, with
+``jax_bridge.grouped_mm_bf16`` (``torch._grouped_mm`` in bf16 through the bridge) beside it. Also checks that
 the bridge returns the torch op's bits.
 
 Every row is timed the same way, by the benchmarks' one timer :func:`fp8moe.testing.time_call` with a
@@ -56,6 +57,7 @@ from fp8moe.testing import (  # noqa: E402
 
 CPU_SMOKE_SHAPE = dict(experts=4, rows=256, n=128, k=128)
 RAGGED = "jax.lax.ragged_dot bf16"
+BRIDGE_BF16 = "jax_bridge.grouped_mm_bf16"
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -104,6 +106,19 @@ def ragged_dot_functions() -> tuple[Callable, Callable]:
 
     def fwd_bwd(x, w_t, sizes, dy):
         y, pullback = jax.vjp(lambda x, w_t: fwd(x, w_t, sizes), x, w_t)
+        return (y, *pullback(dy))
+
+    return jax.jit(fwd), jax.jit(fwd_bwd)
+
+
+def bridge_bf16_functions() -> tuple[Callable, Callable]:
+    """Jitted (fwd, fwd+bwd) of ``jax_bridge.grouped_mm_bf16`` (torch._grouped_mm through the bridge)."""
+
+    def fwd(x, w, offsets):
+        return jax_bridge.grouped_mm_bf16(x, w, offsets)
+
+    def fwd_bwd(x, w, offsets, dy):
+        y, pullback = jax.vjp(lambda x, w: fwd(x, w, offsets), x, w)
         return (y, *pullback(dy))
 
     return jax.jit(fwd), jax.jit(fwd_bwd)
@@ -183,6 +198,18 @@ def run(args: argparse.Namespace, on_gpu: bool, timer: dict) -> tuple[list[Row],
     except Exception as exc:  # noqa: BLE001  a baseline that fails is a row with a note
         rows.append(Row(RAGGED, note=failure(exc)))
     print(f"{rows[-1].case}: {rows[-1].note or 'done'}", file=sys.stderr)
+    bf16_fwd, bf16_fwd_bwd = bridge_bf16_functions()
+    try:
+        rows.append(
+            Row(
+                BRIDGE_BF16,
+                time_call(lambda: bf16_fwd(xj, wj, offj), sync=jax.block_until_ready, **timer),
+                time_call(lambda: bf16_fwd_bwd(xj, wj, offj, dyj), sync=jax.block_until_ready, **timer),
+            )
+        )
+    except Exception as exc:  # noqa: BLE001
+        rows.append(Row(BRIDGE_BF16, note=failure(exc)))
+    print(f"{rows[-1].case}: {rows[-1].note or 'done'}", file=sys.stderr)
     for backend in backends:
         try:
             rows += time_backend(backend, (x, w, offsets, dy), (xj, wj, offj, dyj), timer)
@@ -225,7 +252,7 @@ def table(rows: list[Row], flops_fwd: float) -> list[str]:
     ]
     for r in rows:
         overhead = "-"
-        if r.case.startswith("jax_bridge"):
+        if r.case.startswith("jax_bridge.grouped_mm ("):
             native = by_case.get(r.case.replace("jax_bridge.grouped_mm", "torch fp8moe.grouped_mm"))
             over = [ratio(ms(r, which), ms(native, which)) for which in ("fwd", "fwd_bwd")]
             if all(over):

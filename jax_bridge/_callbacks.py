@@ -150,3 +150,48 @@ class BackwardCallback:
                 dx_out=dx_out,
                 dw_out=dw_out,
             )
+
+
+def _where_routed(a: Tensor, offsets: Tensor, out: Tensor) -> None:
+    """``out = a`` on the rows before ``offsets[-1]`` and 0 after them (``torch._grouped_mm`` leaves those rows
+    undefined), in one pass; ``offsets`` stays on the device."""
+    routed = (torch.arange(a.shape[0], device=a.device) < offsets[-1]).unsqueeze(1)
+    torch.where(routed, a, torch.zeros((), dtype=a.dtype, device=a.device), out=out)
+
+
+@dataclass(frozen=True)
+class Bf16ForwardCallback:
+    """``(ctx, out, x, w, offsets)``: ``y = torch._grouped_mm(x, w.transpose(1, 2), offs=offsets)``, x (M, K)
+    and w (E, N, K) bf16, written into ``out[0]`` (M, N) bf16 with the unrouted rows zeroed. No residuals:
+    the backward reads x and w themselves."""
+
+    def __call__(self, ctx: Any, out: Sequence[Any], x: Any, w: Any, offsets: Any) -> None:
+        with on_xla_stream(ctx, x):
+            offsets_t = as_torch(offsets)
+            y = torch._grouped_mm(as_torch(x), as_torch(w).transpose(1, 2), offs=offsets_t)
+            _where_routed(y, offsets_t, as_torch(out[0]))
+
+
+@dataclass(frozen=True)
+class Bf16BackwardCallback:
+    """``(ctx, out, dy, offsets[, w][, x])``: the gradients of :class:`Bf16ForwardCallback`, bf16.
+
+    ``w`` is passed when ``need_dx`` and ``x`` when ``need_dw``; ``out`` holds dx (M, K) when ``need_dx``
+    (``torch._grouped_mm(dy, w, offs)``, unrouted rows zeroed), then dw (E, N, K) when ``need_dw``
+    (``torch._grouped_mm(dy.T, x, offs)``, the K-grouped GEMM; an empty group gets zeros). These are the
+    GEMMs torch's autograd runs for ``torch._grouped_mm``: the same bits.
+    """
+
+    need_dx: bool
+    need_dw: bool
+
+    def __call__(self, ctx: Any, out: Sequence[Any], dy: Any, offsets: Any, *operands: Any) -> None:
+        with on_xla_stream(ctx, dy):
+            dy_t, offsets_t = as_torch(dy), as_torch(offsets)
+            inputs = iter(operands)
+            grads = iter(out)
+            if self.need_dx:
+                dx = torch._grouped_mm(dy_t, as_torch(next(inputs)), offs=offsets_t)
+                _where_routed(dx, offsets_t, as_torch(next(grads)))
+            if self.need_dw:
+                as_torch(next(grads)).copy_(torch._grouped_mm(dy_t.T, as_torch(next(inputs)), offs=offsets_t))

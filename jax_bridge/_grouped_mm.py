@@ -1,4 +1,5 @@
-"""``jax_bridge.grouped_mm``: fp8moe's blockwise-FP8 grouped GEMM as a ``jax.custom_vjp``.
+"""``jax_bridge.grouped_mm``: fp8moe's blockwise-FP8 grouped GEMM as a ``jax.custom_vjp``;
+``jax_bridge.grouped_mm_bf16``: ``torch._grouped_mm`` in bf16 through the same bridge.
 
 The forward and the backward are each one ``jax.experimental.buffer_callback`` running the torch
 backend (see :mod:`jax_bridge._callbacks`). The custom VJP uses symbolic zeros, so, as in the torch
@@ -30,7 +31,7 @@ from fp8moe.backends import check_wgrad, resolve_backend
 from fp8moe.plan import padded_rows_bound, plan_data_size
 from fp8moe.recipe import BLOCK
 from fp8moe.validation import check_grouped_mm_shapes
-from jax_bridge._callbacks import BackwardCallback, ForwardCallback
+from jax_bridge._callbacks import BackwardCallback, Bf16BackwardCallback, Bf16ForwardCallback, ForwardCallback
 
 INPUT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 OUTPUT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
@@ -220,13 +221,94 @@ def grouped_mm(
     K and N must be multiples of 128. Bad shapes or dtypes raise ``TypeError``/``ValueError`` naming the
     argument, at trace time, with the rules of the torch op.
     """
-    _check_array("x", x, 2, INPUT_DTYPES)
-    _check_array("w", w, 3, INPUT_DTYPES)
-    _check_array("offsets", offsets, 1, (jnp.dtype(jnp.int32),))
+    axes = _check_args(x, w, offsets)
     dtype = _out_dtype(out_dtype)
-    check_grouped_mm_shapes(tuple(x.shape), tuple(w.shape), tuple(offsets.shape))
     # Resolved once, at trace time (errors surface here); the callbacks load the resolved key.
     key = resolve_backend(backend, _torch_device(_platform_of(x)), check_wgrad(wgrad))
     # Inside shard_map: give all operands the same varying axes (a replicated w then gets its gradient summed).
-    axes = _varying_axes(x) | _varying_axes(w) | _varying_axes(offsets)
     return _grouped_mm(_vary(x, axes), _vary(w, axes), _vary(offsets, axes), _Config(key, dtype))
+
+
+# --- bf16: torch._grouped_mm through the same bridge ---------------------------------------------------------
+
+
+def _check_args(x: object, w: object, offsets: object) -> frozenset:
+    """The argument rules of :func:`grouped_mm` (trace time); the varying manual axes of the operands."""
+    _check_array("x", x, 2, INPUT_DTYPES)
+    _check_array("w", w, 3, INPUT_DTYPES)
+    _check_array("offsets", offsets, 1, (jnp.dtype(jnp.int32),))
+    check_grouped_mm_shapes(tuple(x.shape), tuple(w.shape), tuple(offsets.shape))
+    return _varying_axes(x) | _varying_axes(w) | _varying_axes(offsets)
+
+
+def _forward_bf16(x: jax.Array, w: jax.Array, offsets: jax.Array) -> jax.Array:
+    shape = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.bfloat16)
+    (y,) = buffer_callback(Bf16ForwardCallback(), (shape,))(x, w, offsets)
+    return _vary(y, _varying_axes(x))
+
+
+@jax.custom_vjp
+def _grouped_mm_bf16(x: jax.Array, w: jax.Array, offsets: jax.Array) -> jax.Array:
+    return _forward_bf16(x, w, offsets)
+
+
+def _grouped_mm_bf16_fwd(
+    x: CustomVJPPrimal, w: CustomVJPPrimal, offsets: CustomVJPPrimal
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array | None, jax.Array | None] | None]:
+    y = _forward_bf16(x.value, w.value, offsets.value)
+    if not (x.perturbed or w.perturbed):
+        return y, None
+    # dx needs w and dw needs x: the residuals are the inputs themselves (no copies), only those needed.
+    return y, (offsets.value, w.value if x.perturbed else None, x.value if w.perturbed else None)
+
+
+def _grouped_mm_bf16_bwd(res: tuple | None, dy: jax.Array | SymbolicZero) -> tuple[Any, ...]:
+    if isinstance(dy, SymbolicZero) or res is None:
+        return None, None, None
+    offsets, w, x = res
+    need_dx, need_dw = w is not None, x is not None
+    m, n = dy.shape
+    shapes = ([jax.ShapeDtypeStruct((m, w.shape[2]), jnp.bfloat16)] if need_dx else []) + (
+        [jax.ShapeDtypeStruct((offsets.shape[0], n, x.shape[1]), jnp.bfloat16)] if need_dw else []
+    )
+    operands = [a for a in (w, x) if a is not None]
+    axes = _varying_axes(dy) | _varying_axes(offsets)
+    callback = Bf16BackwardCallback(need_dx, need_dw)
+    grads = iter(_vary(g, axes) for g in buffer_callback(callback, tuple(shapes))(dy, offsets, *operands))
+    dx = next(grads) if need_dx else None
+    dw = next(grads) if need_dw else None
+    return dx, dw, None
+
+
+_grouped_mm_bf16.defvjp(_grouped_mm_bf16_fwd, _grouped_mm_bf16_bwd, symbolic_zeros=True)
+
+
+def grouped_mm_bf16(x: jax.Array, w: jax.Array, offsets: jax.Array) -> jax.Array:
+    """bf16 grouped GEMM ``y[rows of e] = x[rows of e] @ w[e].T`` running ``torch._grouped_mm`` through the
+    bridge (cuBLAS/CUTLASS grouped GEMM on a GPU; zero copy, on XLA's stream), with the argument rules of
+    :func:`grouped_mm`.
+
+    Args:
+        x: (M, K) bfloat16 or float32; tokens sorted by expert.
+        w: (E, N, K) bfloat16 or float32 (e.g. fp32 master weights).
+        offsets: (E,) int32, cumulative end row of each expert's group, as in :func:`grouped_mm` (may be
+            traced; never read on the host). Rows at or past ``offsets[-1]`` get zero output and zero
+            gradient; an empty group's weight gets a zero gradient.
+
+    Returns:
+        y: (M, N) bfloat16. x and w are cast to bf16 in JAX (an XLA convert, before the callback), so the
+        GEMM is ``torch._grouped_mm`` on bf16 operands with fp32 accumulation, the bits torch gives for
+        ``torch._grouped_mm(x.bfloat16(), w.bfloat16().transpose(1, 2), offs=offsets)`` (and its autograd
+        gradients, cast back to x's and w's dtypes by the transpose of the cast). Only the gradients needed
+        run (dgrad for x, the K-grouped wgrad for w). Same transformations and limits as :func:`grouped_mm`
+        (jit, grad, scan, checkpoint, shard_map; no vmap).
+
+    K and N must be multiples of 128, as for :func:`grouped_mm` (``torch._grouped_mm`` itself needs only
+    16-byte aligned rows; the rules are kept identical so the two are interchangeable). Bad shapes or
+    dtypes raise ``TypeError``/``ValueError`` naming the argument, at trace time.
+    """
+    axes = _check_args(x, w, offsets)
+    _torch_device(_platform_of(x))  # CPU/CUDA/ROCm only, and a torch with the GPU JAX runs on
+    # Marked varying before the cast: a replicated w's gradient is summed over the devices in w's dtype.
+    bf16 = jnp.bfloat16
+    return _grouped_mm_bf16(_vary(x, axes).astype(bf16), _vary(w, axes).astype(bf16), _vary(offsets, axes))

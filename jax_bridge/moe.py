@@ -3,7 +3,10 @@
 The JAX twin of :class:`fp8moe.moe.MoE`, with the same definition, so both give the same outputs for the
 same weights (within bf16 rounding). ``precision="fp8"`` runs the two expert GEMMs (fused gate/up
 projection, down projection) through :func:`jax_bridge.grouped_mm` (blockwise FP8); ``precision="bf16"``
-through ``jax.lax.ragged_dot`` on the weights cast to bf16. Everything else is identical.
+through :func:`jax_bridge.grouped_mm_bf16` (``torch._grouped_mm`` on the weights cast to bf16, the GEMM of
+the torch twin's bf16 layer); ``precision="bf16_ragged_dot"`` through ``jax.lax.ragged_dot`` on the weights
+cast to bf16 (pure XLA, no torch at run time; it runs densely over all experts, slower and larger on a
+GPU). Everything else is identical.
 
 Routing, for T tokens and E experts, all on the device (no host read, so it runs inside ``jax.jit``):
 - ``logits = x @ router.T`` in fp32 (full fp32 precision), ``probs = softmax(logits)``; each token picks its
@@ -24,9 +27,9 @@ import jax.numpy as jnp
 
 from fp8moe.backends import BACKEND_NAMES
 from fp8moe.recipe import BLOCK
-from jax_bridge._grouped_mm import grouped_mm
+from jax_bridge._grouped_mm import grouped_mm, grouped_mm_bf16
 
-PRECISIONS = ("bf16", "fp8")
+PRECISIONS = ("bf16", "bf16_ragged_dot", "fp8")
 
 
 class Routing(NamedTuple):
@@ -113,6 +116,8 @@ def _check_params(params: dict[str, jax.Array], x: jax.Array) -> tuple[int, int,
 def _expert_mm(x: jax.Array, w: jax.Array, routing: Routing, precision: str, backend: str) -> jax.Array:
     """Grouped GEMM ``x[rows of e] @ w[e].T``: x (T*k, K) bf16 expert-sorted, w (E, N, K) -> (T*k, N) bf16."""
     if precision == "bf16":
+        return grouped_mm_bf16(x, w, routing.offsets)
+    if precision == "bf16_ragged_dot":
         return jax.lax.ragged_dot(x, jnp.swapaxes(w.astype(jnp.bfloat16), 1, 2), routing.counts)
     return grouped_mm(x, w, routing.offsets, backend=backend, out_dtype=jnp.bfloat16)
 
@@ -138,7 +143,8 @@ def moe_layer(
         params: from :func:`init_moe_params` (any float dtype; fp32 master weights in the fp8 recipe).
         x: (T, D) or (..., D), any float dtype.
         top_k: experts per token, ``1 <= top_k <= E``.
-        precision: "fp8" (:func:`jax_bridge.grouped_mm`) or "bf16" (``jax.lax.ragged_dot``).
+        precision: "fp8" (:func:`jax_bridge.grouped_mm`), "bf16" (:func:`jax_bridge.grouped_mm_bf16`,
+            ``torch._grouped_mm``) or "bf16_ragged_dot" (``jax.lax.ragged_dot``).
         backend: fp8moe backend for ``precision="fp8"`` ("auto", "reference", "triton", "deepgemm").
 
     Returns:

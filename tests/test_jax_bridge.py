@@ -535,3 +535,174 @@ def test_gpu_bit_identical_to_torch_op(backend, routing):
         for name, g, r in zip(("y", "dx", "dw"), got, ref):
             db = sqnr_db(to_torch(r.astype(jnp.float32)), to_torch(g.astype(jnp.float32)))
             assert db > 40, f"{name}: {backend} vs reference backend: SQNR {db:.1f} dB"
+
+
+# --- grouped_mm_bf16: torch._grouped_mm through the bridge ---------------------------------------------
+
+
+def torch_grouped_mm_vjp(x, w, offsets, dy):
+    """(y, dx, dw) of torch._grouped_mm called directly in torch (its autograd) on the bf16-cast values, the
+    unrouted rows of y and dx zeroed (torch leaves them undefined); dx, dw cast to x's and w's dtypes."""
+    xt, wt = to_torch(x), to_torch(w)
+    xg, wg = xt.bfloat16().requires_grad_(), wt.bfloat16().requires_grad_()
+    offs = to_torch(offsets)
+    y = torch._grouped_mm(xg, wg.transpose(1, 2), offs=offs)
+    y.backward(to_torch(dy))
+    routed = (torch.arange(x.shape[0]) < offs[-1]).unsqueeze(1)
+    zero = torch.zeros((), dtype=torch.bfloat16)
+    dx = torch.where(routed, xg.grad, zero).to(xt.dtype)
+    return torch.where(routed, y.detach(), zero), dx, wg.grad.to(wt.dtype)
+
+
+def bf16_vjp(x, w, offsets, dy):
+    @jax.jit
+    def run(x, w, offsets, dy):
+        y, pullback = jax.vjp(lambda x, w: jax_bridge.grouped_mm_bf16(x, w, offsets), x, w)
+        return (y, *pullback(dy))
+
+    return run(x, w, offsets, dy)
+
+
+BF16_DTYPES = {"x_bf16_w_fp32": (jnp.bfloat16, jnp.float32), "x_fp32_w_bf16": (jnp.float32, jnp.bfloat16)}
+
+
+@pytest.mark.parametrize("dtypes", BF16_DTYPES.values(), ids=BF16_DTYPES.keys())
+@pytest.mark.parametrize("routing", ROUTINGS.values(), ids=ROUTINGS.keys())
+def test_bf16_bit_identical_to_torch_grouped_mm(dtypes, routing):
+    x_dtype, w_dtype = dtypes
+    x, w, offsets, dy = make_problem(20, x_dtype=x_dtype, w_dtype=w_dtype, **routing)
+    if routing:  # NaN in the unrouted tail of x: its rows get zeros, nothing leaks into dw
+        x = x.at[-1].set(jnp.nan)
+    y, dx, dw = bf16_vjp(x, w, offsets, dy)
+    chex.assert_shape([y, dx, dw], [(300, 256), (300, 256), (5, 256, 256)])
+    chex.assert_type([y, dx, dw], [jnp.bfloat16, x_dtype, w_dtype])
+    want = torch_grouped_mm_vjp(x, w, offsets, dy)
+    for got, ref in zip((y, dx, dw), want):
+        assert_bits_equal(got, ref)
+    assert_bits_equal(jax_bridge.grouped_mm_bf16(x, w, offsets), want[0])  # eagerly too
+    if routing:
+        end = int(offsets[-1])
+        assert end < 300 and not jnp.any(y[end:]) and not jnp.any(dx[end:])
+        sizes = np.diff(np.asarray(offsets), prepend=0)
+        assert (sizes == 0).any()
+        for e in range(5):  # an empty expert's weight gets exactly zero gradient, the others not
+            assert bool(jnp.any(dw[e])) == (sizes[e] > 0), e
+
+
+def test_bf16_only_the_needed_gradients_run():
+    x, w, offsets, dy = make_problem(21, **ROUTINGS["empty_experts_and_tail"])
+    _, dx_t, dw_t = torch_grouped_mm_vjp(x, w, offsets, dy)
+
+    def loss(x, w):
+        return jnp.vdot(jax_bridge.grouped_mm_bf16(x, w, offsets).astype(jnp.float32), dy.astype(jnp.float32))
+
+    assert_bits_equal(jax.jit(jax.grad(loss, argnums=1))(x, w), dw_t)
+    assert_bits_equal(jax.jit(jax.grad(loss, argnums=0))(x, w), dx_t)
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss, argnums=1))(x, w))
+    assert "need_dx=False, need_dw=True" in jaxpr
+    g = jax.grad(lambda x, w: jax_bridge.grouped_mm_bf16(x, w, offsets)[:0].sum() + x.astype(jnp.float32).sum())(x, w)
+    np.testing.assert_array_equal(np.asarray(g, np.float32), 1.0)
+
+
+def test_bf16_scan_checkpoint_and_traced_offsets_without_recompilation():
+    x, ws, offsets = _stack(22, layers=2, m=200, d=256, e=3)
+
+    def layer(h, w):
+        return jax_bridge.grouped_mm_bf16(h, w, offsets), None
+
+    def loop_loss(x, ws):
+        for i in range(ws.shape[0]):
+            x, _ = layer(x, ws[i])
+        return jnp.sum(x.astype(jnp.float32) ** 2)
+
+    def scan_loss(x, ws):
+        return jnp.sum(jax.lax.scan(jax.checkpoint(layer), x, ws)[0].astype(jnp.float32) ** 2)
+
+    want = jax.jit(jax.value_and_grad(loop_loss, argnums=(0, 1)))(x, ws)
+    got = jax.jit(jax.value_and_grad(scan_loss, argnums=(0, 1)))(x, ws)
+    np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-6)
+    chex.assert_trees_all_equal(got[1], want[1])
+    assert float(jnp.abs(want[1][1]).max()) > 0
+
+    m, d, e = 256, 256, 4
+    x, w, _, dy = make_problem(23, m=m, n=d, k=d, e=e)
+    traces = []
+
+    @jax.jit
+    def step(x, w, router):
+        traces.append(None)
+        expert = jnp.argmax(x.astype(jnp.float32) @ router.T, axis=-1)
+        order = jnp.argsort(expert, stable=True)
+        offsets = jnp.cumsum(jnp.zeros(e, jnp.int32).at[expert].add(1)).astype(jnp.int32)
+        y, pullback = jax.vjp(lambda xs, w: jax_bridge.grouped_mm_bf16(xs, w, offsets), x[order], w)
+        return offsets, order, (y, *pullback(dy))
+
+    seen = set()
+    for seed in range(3):
+        offsets, order, got = step(x, w, jax.random.normal(jax.random.key(seed), (e, d)))
+        seen.add(tuple(np.asarray(offsets)))
+        for g, r in zip(got, torch_grouped_mm_vjp(x[order], w, offsets, dy)):
+            assert_bits_equal(g, r)
+    assert len(seen) == 3 and len(traces) == 1 and step._cache_size() == 1
+
+
+@pytest.mark.parametrize("case", BAD.values(), ids=BAD.keys())
+def test_bf16_bad_input_raises_like_grouped_mm(case):
+    error, message, overrides, _ = case
+    args = _abstract(GOOD | overrides)
+    with pytest.raises(error, match=message) as caught:
+        jax.eval_shape(lambda a: jax_bridge.grouped_mm_bf16(a["x"], a["w"], a["offsets"]), args)
+    with pytest.raises(error) as fp8_caught:
+        jax.eval_shape(lambda a: jax_bridge.grouped_mm(a["x"], a["w"], a["offsets"]), args)
+    assert str(caught.value) == str(fp8_caught.value)
+
+
+def test_bf16_non_array_input_raises():
+    x, w, offsets, _ = make_problem(24)
+    with pytest.raises(TypeError, match="x: expected a jax.Array, got list"):
+        jax_bridge.grouped_mm_bf16(np.asarray(x, np.float32).tolist(), w, offsets)
+    with pytest.raises(TypeError, match="w: expected a jax.Array, got Tensor"):
+        jax_bridge.grouped_mm_bf16(x, to_torch(w), offsets)
+
+
+BF16_SHARD_MAP_SCRIPT = """
+import jax, jax.numpy as jnp, numpy as np, torch
+from jax.sharding import NamedSharding, PartitionSpec as P
+import jax_bridge
+
+mesh = jax.make_mesh((2,), ("d",))
+x = np.random.default_rng(0).standard_normal((2, 256, 256), np.float32)
+w = np.random.default_rng(1).standard_normal((3, 256, 256), np.float32) / 16
+offsets = np.array([[100, 100, 256], [50, 200, 230]], np.int32)
+
+
+def per_device(x, w, offsets):  # x, offsets: this device's shard; w: replicated
+    loss = lambda x, w: jax_bridge.grouped_mm_bf16(x[0], w, offsets[0]).astype(jnp.float32).sum()
+    y = jax_bridge.grouped_mm_bf16(x[0], w, offsets[0]).astype(jnp.float32)
+    return (y[None], *jax.grad(loss, argnums=(0, 1))(x, w))
+
+
+spec = dict(in_specs=(P("d"), P(), P("d")), out_specs=(P("d"), P("d"), P()))
+sharded = [jax.device_put(a, NamedSharding(mesh, P("d"))) for a in (x, offsets)]
+y, dx, dw = jax.jit(jax.shard_map(per_device, mesh=mesh, **spec))(sharded[0], w, sharded[1])
+dw_sum = 0
+for i in range(2):
+    xt, wt = torch.from_numpy(x[i]).requires_grad_(), torch.from_numpy(w).requires_grad_()
+    offs = torch.from_numpy(offsets[i])
+    yt = torch._grouped_mm(xt.bfloat16(), wt.bfloat16().transpose(1, 2), offs=offs)
+    routed = (torch.arange(256) < offs[-1]).unsqueeze(1)  # torch leaves these rows of y and dx undefined
+    yt = torch.where(routed, yt, 0)
+    yt.float().sum().backward()
+    assert torch.equal(torch.from_numpy(np.asarray(y)[i]), yt.detach().float()), i
+    assert torch.equal(torch.from_numpy(np.asarray(dx)[i]), torch.where(routed, xt.grad, 0)), i
+    dw_sum = dw_sum + wt.grad
+assert torch.equal(torch.from_numpy(np.asarray(dw)), dw_sum)  # the replicated weight's gradient is summed
+print("ok")
+"""
+
+
+def test_bf16_shard_map_replicated_weight_gradient_summed():
+    env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", BF16_SHARD_MAP_SCRIPT], env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]

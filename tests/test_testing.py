@@ -330,6 +330,7 @@ def test_bench_jax_cpu_smoke_run_prints_only_the_table(tmp_path, capsys):
     cases = {row.case: row for row in report["rows"]}
     assert set(cases) == {
         "jax.lax.ragged_dot bf16",
+        "jax_bridge.grouped_mm_bf16",
         "torch fp8moe.grouped_mm (reference)",
         "jax_bridge.grouped_mm (reference)",
     }
