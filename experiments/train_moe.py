@@ -464,11 +464,17 @@ def run(args: argparse.Namespace) -> list[RunLog]:
                 from experiments._model_jax import JaxTrainer
                 from experiments._model_torch import initial_weights
 
-                trainer = JaxTrainer(cfg, run_cfg, precision, args.backend, initial_weights(cfg, args.seed))
+                # On a CPU the bridge's bf16 GEMM (torch._grouped_mm) is slow without bf16 instructions:
+                # XLA's ragged_dot computes the same products there, in a few ms a step.
+                jax_precision = "bf16_ragged_dot" if precision == "bf16" and run_device.type == "cpu" else precision
+                trainer = JaxTrainer(cfg, run_cfg, jax_precision, args.backend, initial_weights(cfg, args.seed))
+            gemms = expert_gemms(precision, args.backend, run_device, bf16_math)
+            if framework == "jax" and precision == "bf16":
+                gemms = "bf16 (jax.lax.ragged_dot)" if run_device.type == "cpu" else "bf16 (jax_bridge.grouped_mm_bf16)"
             log = RunLog(
                 framework,
                 precision,
-                expert_gemms(precision, args.backend, run_device, bf16_math),
+                gemms,
                 str(run_device),
                 bf16_math,
                 run_cfg.steps,
