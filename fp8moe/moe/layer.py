@@ -9,6 +9,10 @@ SwiGLU, un-permutation) is identical in both precisions. The JAX twin is ``jax_b
 straight into the padded GEMM layout, the activations kept padded between the GEMMs, combine read from the
 padded rows), in either precision with the same routing, dispatch, SwiGLU and combine code.
 
+``ep_group=group`` (a ``torch.distributed`` process group) spreads the experts over the group's ranks
+(expert parallelism, :mod:`fp8moe.moe.parallel`): each rank holds E / ep_size of them and routes its own
+tokens; the op-by-op path only.
+
 Routing, for T tokens and E experts:
 - ``logits = x @ router.T`` in fp32, ``probs = softmax(logits)``; each token picks its ``top_k`` experts
   and weighs them by ``topk_probs / sum(topk_probs)``;
@@ -30,7 +34,8 @@ from torch import Tensor, nn
 from fp8moe.autograd import grouped_mm
 from fp8moe.backends import BACKEND_NAMES
 from fp8moe.moe.fused import PRECISIONS, fused_experts
-from fp8moe.moe.routing import SCORES, plan_routing, route
+from fp8moe.moe.parallel import GlobalCounts, expert_parallel_experts, group_size_and_rank
+from fp8moe.moe.routing import SCORES, Routing, plan_routing, route
 from fp8moe.recipe import BLOCK
 
 
@@ -59,9 +64,14 @@ class MoE(nn.Module):
             them and a bf16 combine.
         score: the router, "softmax" (top-k of the softmax) or "sigmoid" (DeepSeek-V3: top-k of sigmoid
             scores plus the ``expert_bias`` buffer, which only selects; see :meth:`update_expert_bias`).
+        ep_group: a ``torch.distributed`` process group for expert parallelism (None: all experts here).
+            This rank (``ep_rank`` of ``ep_size``) then holds experts ``[ep_rank * El, (ep_rank + 1) * El)``,
+            ``El = num_local_experts = E / ep_size`` (E not divisible: ValueError), in ``w_gate_up``/``w_down``
+            of El rows; the router stays (E, D), replicated. See :mod:`fp8moe.moe.parallel` (not with
+            ``fused=True`` yet).
 
     Parameters: ``router.weight`` (E, D), ``w_gate_up`` (E, 2F, D) (rows [:F] gate, [F:] up), ``w_down``
-    (E, D, F), fp32, initialised N(0, 1/fan_in) (router N(0, 0.02^2)).
+    (E, D, F) (El under EP), fp32, initialised N(0, 1/fan_in) (router N(0, 0.02^2)).
     """
 
     def __init__(
@@ -75,6 +85,7 @@ class MoE(nn.Module):
         backend: str = "auto",
         fused: bool = False,
         score: str = "softmax",
+        ep_group: object | None = None,
     ) -> None:
         super().__init__()
         d_model, d_ff, num_experts, top_k = (
@@ -99,14 +110,22 @@ class MoE(nn.Module):
             raise TypeError(f"fused: expected a bool, got {type(fused).__name__}")
         if score not in SCORES:
             raise ValueError(f"score: expected one of {SCORES}, got {score!r}")
+        if ep_group is None:
+            ep_size, ep_rank = 1, 0
+        else:
+            ep_size, ep_rank = group_size_and_rank(ep_group, num_experts)
+            if fused:
+                raise ValueError("fused: fused=True is not supported with ep_group yet")
+        self.ep_group, self.ep_size, self.ep_rank = ep_group, ep_size, ep_rank
+        self.num_local_experts = num_experts // ep_size
         self.d_model, self.d_ff, self.num_experts, self.top_k = d_model, d_ff, num_experts, top_k
         self.precision, self.backend, self.fused, self.score = precision, backend, fused, score
         self.router = nn.Linear(d_model, num_experts, bias=False)
         # DeepSeek-V3's auxiliary-loss-free balancing: a selection bias per expert, outside the gradient
         self.register_buffer("expert_bias", torch.zeros(num_experts) if score == "sigmoid" else None)
         self.last_expert_counts: Tensor | None = None
-        self.w_gate_up = nn.Parameter(torch.empty(num_experts, 2 * d_ff, d_model))
-        self.w_down = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
+        self.w_gate_up = nn.Parameter(torch.empty(self.num_local_experts, 2 * d_ff, d_model))
+        self.w_down = nn.Parameter(torch.empty(self.num_local_experts, d_model, d_ff))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -118,6 +137,7 @@ class MoE(nn.Module):
         return (
             f"d_model={self.d_model}, d_ff={self.d_ff}, num_experts={self.num_experts}, top_k={self.top_k}, "
             f"precision={self.precision!r}, backend={self.backend!r}, fused={self.fused}, score={self.score!r}"
+            + (f", ep_size={self.ep_size}, ep_rank={self.ep_rank}" if self.ep_group is not None else "")
         )
 
     @torch.no_grad()
@@ -136,6 +156,20 @@ class MoE(nn.Module):
             return torch._grouped_mm(x, w.to(torch.bfloat16).transpose(1, 2), offs=offsets)
         return grouped_mm(x, w, offsets, backend=self.backend, out_dtype=torch.bfloat16)
 
+    def _experts(self, sorted_x: Tensor, offsets: Tensor) -> Tensor:
+        """This rank's experts on expert-sorted bf16 rows (M, D) with group ends ``offsets`` -> (M, D) bf16."""
+        h = self._expert_mm(sorted_x, self.w_gate_up, offsets)  # (M, 2F)
+        a = F.silu(h[:, : self.d_ff]) * h[:, self.d_ff :]
+        return self._expert_mm(a, self.w_down, offsets)  # (M, D)
+
+    def _combine(self, out: Tensor, routing: Routing, num_tokens: int) -> Tensor:
+        """Expert outputs (T*k, D) in routing.order -> (T, D) ``sum_j combine[t, j] * out[t, j]`` in out's dtype."""
+        inverse = torch.empty_like(routing.order).scatter_(
+            0, routing.order, torch.arange(routing.order.numel(), device=out.device)
+        )
+        per_token = out.index_select(0, inverse).view(num_tokens, self.top_k, self.d_model)
+        return torch.bmm(routing.combine.to(out.dtype).unsqueeze(1), per_token).squeeze(1)
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x (..., D) -> (y (..., D) in x's dtype, aux_loss () fp32). Expert activations are bf16.
 
@@ -149,9 +183,19 @@ class MoE(nn.Module):
             raise ValueError(f"x: expected last dimension d_model = {self.d_model}, got shape {tuple(x.shape)}")
         tokens = x.reshape(-1, self.d_model)
         num_tokens, k = tokens.shape[0], self.top_k
-        routing = route(tokens, self.router.weight, k, score=self.score, bias=self.expert_bias)
+        global_counts = None if self.ep_group is None else GlobalCounts(self.ep_group)
+        routing = route(
+            tokens, self.router.weight, k, score=self.score, bias=self.expert_bias, reduce_counts=global_counts
+        )
         if self.training and self.expert_bias is not None:
-            self.last_expert_counts = torch.diff(routing.offsets, prepend=routing.offsets.new_zeros(1)).detach()
+            self.last_expert_counts = (
+                torch.diff(routing.offsets, prepend=routing.offsets.new_zeros(1)).detach()
+                if global_counts is None
+                else global_counts.counts
+            )
+        if global_counts is not None:
+            y = expert_parallel_experts(self, tokens, routing)
+            return y.to(x.dtype).reshape(x.shape), routing.aux_loss
         if self.fused:
             plan = plan_routing(routing.experts, self.num_experts, order=routing.order, offsets=routing.offsets)
             y = fused_experts(
@@ -167,13 +211,6 @@ class MoE(nn.Module):
             return y.reshape(x.shape), routing.aux_loss
         # Gather from the flat (T*k, D) assignment list: unique indices, so the backward is deterministic.
         assignments = tokens.to(torch.bfloat16).unsqueeze(1).expand(-1, k, -1).reshape(num_tokens * k, self.d_model)
-        sorted_x = assignments.index_select(0, routing.order)
-        h = self._expert_mm(sorted_x, self.w_gate_up, routing.offsets)  # (T*k, 2F)
-        a = F.silu(h[:, : self.d_ff]) * h[:, self.d_ff :]
-        out = self._expert_mm(a, self.w_down, routing.offsets)  # (T*k, D), expert-sorted
-        inverse = torch.empty_like(routing.order).scatter_(
-            0, routing.order, torch.arange(routing.order.numel(), device=x.device)
-        )
-        per_token = out.index_select(0, inverse).view(num_tokens, k, self.d_model)
-        y = torch.bmm(routing.combine.to(out.dtype).unsqueeze(1), per_token).squeeze(1)
+        out = self._experts(assignments.index_select(0, routing.order), routing.offsets)  # expert-sorted
+        y = self._combine(out, routing, num_tokens)
         return y.to(x.dtype).reshape(x.shape), routing.aux_loss

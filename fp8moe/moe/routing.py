@@ -20,6 +20,7 @@ plus the two maps the fused block needs: ``pos`` (T, k), the padded row of each 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -49,11 +50,20 @@ class Routing(NamedTuple):
 
 
 def route(
-    x: Tensor, router_weight: Tensor, top_k: int, *, score: str = "softmax", bias: Tensor | None = None
+    x: Tensor,
+    router_weight: Tensor,
+    top_k: int,
+    *,
+    score: str = "softmax",
+    bias: Tensor | None = None,
+    reduce_counts: Callable[[Tensor], Tensor] | None = None,
 ) -> Routing:
     """Top-k routing of x (T, D) by router_weight (E, D); logits in fp32 (see the module docstring).
 
     ``bias``: (E,) per-expert selection bias (``score="sigmoid"`` only; detached, never differentiated).
+    ``reduce_counts``: maps this call's (E,) int64 expert counts to the counts ``f_e`` is taken from (expert
+    parallelism: the all-reduce over the EP group, see :mod:`fp8moe.moe.parallel`); then
+    ``f_e = reduced_e / sum(reduced)``. ``order`` and ``offsets`` always describe this call's tokens.
     """
     if score not in SCORES:
         raise ValueError(f"score: expected one of {SCORES}, got {score!r}")
@@ -83,7 +93,11 @@ def route(
     counts = torch.zeros(num_experts, dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
     offsets = torch.cumsum(counts, 0).to(torch.int32)
     # Zero tokens (a static shape, no sync) give aux_loss 0, not the 0/0 of an empty mean.
-    fraction = counts.float() / max(flat.numel(), 1)
+    if reduce_counts is None:
+        fraction = counts.float() / max(flat.numel(), 1)
+    else:
+        reduced = reduce_counts(counts)
+        fraction = reduced.float() / reduced.sum().clamp(min=1).float()
     mean_balance = balance.mean(dim=0) if x.shape[0] else balance.sum(dim=0)
     aux_loss = num_experts * (fraction * mean_balance).sum()
     return Routing(order, offsets, combine, experts, aux_loss)
