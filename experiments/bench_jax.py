@@ -186,30 +186,24 @@ def run(args: argparse.Namespace, on_gpu: bool, timer: dict) -> tuple[list[Row],
 
     ragged_fwd, ragged_fwd_bwd = ragged_dot_functions()
     w_t, sizes = jnp.swapaxes(wj, 1, 2), jnp.diff(offj, prepend=0)
-    rows = []
-    try:
-        rows.append(
-            Row(
-                RAGGED,
-                time_call(lambda: ragged_fwd(xj, w_t, sizes), sync=jax.block_until_ready, **timer),
-                time_call(lambda: ragged_fwd_bwd(xj, w_t, sizes, dyj), sync=jax.block_until_ready, **timer),
-            )
-        )
-    except Exception as exc:  # noqa: BLE001  a baseline that fails is a row with a note
-        rows.append(Row(RAGGED, note=failure(exc)))
-    print(f"{rows[-1].case}: {rows[-1].note or 'done'}", file=sys.stderr)
     bf16_fwd, bf16_fwd_bwd = bridge_bf16_functions()
-    try:
-        rows.append(
-            Row(
-                BRIDGE_BF16,
-                time_call(lambda: bf16_fwd(xj, wj, offj), sync=jax.block_until_ready, **timer),
-                time_call(lambda: bf16_fwd_bwd(xj, wj, offj, dyj), sync=jax.block_until_ready, **timer),
+    baselines = {  # case -> (fwd, fwd+bwd), the JAX bf16 rows
+        RAGGED: (lambda: ragged_fwd(xj, w_t, sizes), lambda: ragged_fwd_bwd(xj, w_t, sizes, dyj)),
+        BRIDGE_BF16: (lambda: bf16_fwd(xj, wj, offj), lambda: bf16_fwd_bwd(xj, wj, offj, dyj)),
+    }
+    rows = []
+    for case, (fwd, fwd_bwd) in baselines.items():
+        try:
+            rows.append(
+                Row(
+                    case,
+                    time_call(fwd, sync=jax.block_until_ready, **timer),
+                    time_call(fwd_bwd, sync=jax.block_until_ready, **timer),
+                )
             )
-        )
-    except Exception as exc:  # noqa: BLE001
-        rows.append(Row(BRIDGE_BF16, note=failure(exc)))
-    print(f"{rows[-1].case}: {rows[-1].note or 'done'}", file=sys.stderr)
+        except Exception as exc:  # noqa: BLE001  a baseline that fails is a row with a note
+            rows.append(Row(case, note=failure(exc)))
+        print(f"{rows[-1].case}: {rows[-1].note or 'done'}", file=sys.stderr)
     for backend in backends:
         try:
             rows += time_backend(backend, (x, w, offsets, dy), (xj, wj, offj, dyj), timer)

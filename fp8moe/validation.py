@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fp8moe.plan import GroupLayout
 from fp8moe.recipe import BLOCK
 
 INPUT_DTYPES = (torch.bfloat16, torch.float32)
@@ -69,8 +70,6 @@ def check_main_grad(main_grad: object, w: Tensor) -> Tensor:
 
 def check_plan(plan: object, offsets: Tensor, num_rows: int) -> None:
     """Raise unless ``plan`` is the GroupLayout of ``offsets`` for ``num_rows`` rows."""
-    from fp8moe.plan import GroupLayout
-
     if not isinstance(plan, GroupLayout):
         raise TypeError(f"plan: expected a GroupLayout (fp8moe.plan_groups) or None, got {type(plan).__name__}")
     if plan.offsets is not offsets or plan.num_rows != num_rows:

@@ -413,15 +413,20 @@ def test_tiny_values_give_the_torch_ops_bits():
         assert_bits_equal(got, want)
 
 
-def test_non_array_input_raises():
+@pytest.mark.parametrize("fn", [jax_bridge.grouped_mm, jax_bridge.grouped_mm_bf16], ids=["fp8", "bf16"])
+def test_non_array_input_raises(fn):
     x, w, offsets, _ = make_problem(7)
     with pytest.raises(TypeError, match="x: expected a jax.Array, got list"):
-        jax_bridge.grouped_mm(np.asarray(x, np.float32).tolist(), w, offsets)
+        fn(np.asarray(x, np.float32).tolist(), w, offsets)
     with pytest.raises(TypeError, match="w: expected a jax.Array, got Tensor"):
-        jax_bridge.grouped_mm(x, to_torch(w), offsets)
+        fn(x, to_torch(w), offsets)
 
 
-SHARD_MAP_SCRIPT = """
+def shard_map_script(fn: str, forward: str, check: str) -> str:
+    """A script for a child process with two CPU devices: ``fn`` (a jax_bridge function) called per device
+    inside ``jax.shard_map`` on its shard of x and offsets with a replicated w; y (fp32, ``forward`` the
+    expression of it), dx and the replicated weight's dw come back and ``check`` compares them with torch."""
+    return f"""
 import jax, jax.numpy as jnp, numpy as np, torch
 from jax.sharding import NamedSharding, PartitionSpec as P
 import fp8moe, jax_bridge
@@ -433,8 +438,8 @@ offsets = np.array([[100, 100, 256], [50, 200, 230]], np.int32)
 
 
 def per_device(x, w, offsets):  # x, offsets: this device's shard; w: replicated
-    loss = lambda x, w: jax_bridge.grouped_mm(x[0], w, offsets[0]).astype(jnp.float32).sum()
-    y = jax_bridge.grouped_mm(x[0], w, offsets[0], out_dtype=jnp.float32)
+    loss = lambda x, w: jax_bridge.{fn}(x[0], w, offsets[0]).astype(jnp.float32).sum()
+    y = {forward}
     return (y[None], *jax.grad(loss, argnums=(0, 1))(x, w))
 
 
@@ -442,6 +447,23 @@ spec = dict(in_specs=(P("d"), P(), P("d")), out_specs=(P("d"), P("d"), P()))
 sharded = [jax.device_put(a, NamedSharding(mesh, P("d"))) for a in (x, offsets)]
 y, dx, dw = jax.jit(jax.shard_map(per_device, mesh=mesh, **spec))(sharded[0], w, sharded[1])
 dw_sum = 0
+{check}
+assert torch.equal(torch.from_numpy(np.asarray(dw)), dw_sum)  # the replicated weight's gradient is summed
+print("ok")
+"""
+
+
+def run_on_two_cpu_devices(script: str) -> None:
+    env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+SHARD_MAP_SCRIPT = shard_map_script(
+    "grouped_mm",
+    "jax_bridge.grouped_mm(x[0], w, offsets[0], out_dtype=jnp.float32)",
+    """
 for i in range(2):
     xt, wt = torch.from_numpy(x[i]).requires_grad_(), torch.from_numpy(w).requires_grad_()
     yt = fp8moe.grouped_mm(xt, wt, torch.from_numpy(offsets[i]), out_dtype=torch.float32)
@@ -449,16 +471,12 @@ for i in range(2):
     assert torch.equal(torch.from_numpy(np.asarray(y)[i]), yt.detach()), i
     assert torch.equal(torch.from_numpy(np.asarray(dx)[i]), xt.grad), i
     dw_sum = dw_sum + wt.grad
-assert torch.equal(torch.from_numpy(np.asarray(dw)), dw_sum)  # the replicated weight's gradient is summed
-print("ok")
-"""
+""",
+)
 
 
 def test_shard_map_one_call_per_device_and_replicated_weight_gradient_summed():
-    env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, "-c", SHARD_MAP_SCRIPT], env=env, capture_output=True, text=True)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+    run_on_two_cpu_devices(SHARD_MAP_SCRIPT)
 
 
 # --- the callback plumbing ----------------------------------------------------------------------------
@@ -657,35 +675,10 @@ def test_bf16_bad_input_raises_like_grouped_mm(case):
     assert str(caught.value) == str(fp8_caught.value)
 
 
-def test_bf16_non_array_input_raises():
-    x, w, offsets, _ = make_problem(24)
-    with pytest.raises(TypeError, match="x: expected a jax.Array, got list"):
-        jax_bridge.grouped_mm_bf16(np.asarray(x, np.float32).tolist(), w, offsets)
-    with pytest.raises(TypeError, match="w: expected a jax.Array, got Tensor"):
-        jax_bridge.grouped_mm_bf16(x, to_torch(w), offsets)
-
-
-BF16_SHARD_MAP_SCRIPT = """
-import jax, jax.numpy as jnp, numpy as np, torch
-from jax.sharding import NamedSharding, PartitionSpec as P
-import jax_bridge
-
-mesh = jax.make_mesh((2,), ("d",))
-x = np.random.default_rng(0).standard_normal((2, 256, 256), np.float32)
-w = np.random.default_rng(1).standard_normal((3, 256, 256), np.float32) / 16
-offsets = np.array([[100, 100, 256], [50, 200, 230]], np.int32)
-
-
-def per_device(x, w, offsets):  # x, offsets: this device's shard; w: replicated
-    loss = lambda x, w: jax_bridge.grouped_mm_bf16(x[0], w, offsets[0]).astype(jnp.float32).sum()
-    y = jax_bridge.grouped_mm_bf16(x[0], w, offsets[0]).astype(jnp.float32)
-    return (y[None], *jax.grad(loss, argnums=(0, 1))(x, w))
-
-
-spec = dict(in_specs=(P("d"), P(), P("d")), out_specs=(P("d"), P("d"), P()))
-sharded = [jax.device_put(a, NamedSharding(mesh, P("d"))) for a in (x, offsets)]
-y, dx, dw = jax.jit(jax.shard_map(per_device, mesh=mesh, **spec))(sharded[0], w, sharded[1])
-dw_sum = 0
+BF16_SHARD_MAP_SCRIPT = shard_map_script(
+    "grouped_mm_bf16",
+    "jax_bridge.grouped_mm_bf16(x[0], w, offsets[0]).astype(jnp.float32)",
+    """
 for i in range(2):
     xt, wt = torch.from_numpy(x[i]).requires_grad_(), torch.from_numpy(w).requires_grad_()
     offs = torch.from_numpy(offsets[i])
@@ -696,13 +689,9 @@ for i in range(2):
     assert torch.equal(torch.from_numpy(np.asarray(y)[i]), yt.detach().float()), i
     assert torch.equal(torch.from_numpy(np.asarray(dx)[i]), torch.where(routed, xt.grad, 0)), i
     dw_sum = dw_sum + wt.grad
-assert torch.equal(torch.from_numpy(np.asarray(dw)), dw_sum)  # the replicated weight's gradient is summed
-print("ok")
-"""
+""",
+)
 
 
 def test_bf16_shard_map_replicated_weight_gradient_summed():
-    env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, "-c", BF16_SHARD_MAP_SCRIPT], env=env, capture_output=True, text=True)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+    run_on_two_cpu_devices(BF16_SHARD_MAP_SCRIPT)

@@ -130,7 +130,7 @@ class DeepGEMMKGrouped:
                     raise ValueError("out: accumulate=True needs the buffer to add into")
                 d = check_out("main_grad", out, shape, torch.float32, a.device)
             elif out_dtype == torch.float32:
-                d = torch.zeros(shape, dtype=torch.float32, device=a.device) if out is None else out
+                d = torch.empty(shape, dtype=torch.float32, device=a.device) if out is None else out
                 d = check_out("dw_out", d, shape, out_dtype, a.device).zero_()
             else:  # bf16/fp16 dw: fp32 results for a few experts at a time, each chunk cast into dw
                 d = torch.empty(shape, dtype=out_dtype, device=a.device) if out is None else out

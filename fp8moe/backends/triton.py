@@ -36,17 +36,8 @@ class TritonQuantizer:
         return kq.quantize_weight(w, transposed, out_t=out_t)
 
 
-def triton_m_grouped(
-    a: Tensor,
-    sa: Tensor,
-    b: Tensor,
-    sb: Tensor,
-    plan: GroupLayout,
-    out_dtype: torch.dtype,
-    out: Tensor | None,
-    padded: bool = False,
-) -> Tensor:
-    return m_grouped_gemm(a, sa, b, sb, plan, out_dtype, out, padded=padded)
+# The M-grouped provider is the kernel's own entry point (same signature, ``padded`` by keyword).
+triton_m_grouped = m_grouped_gemm
 
 
 class TritonKGrouped:
