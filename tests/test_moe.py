@@ -163,9 +163,11 @@ def test_aux_loss_matches_hand_computation():
     assert expected > 1.0  # imbalanced routing costs more than the balanced optimum of 1
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("precision", ["bf16", "fp8"])
-def test_torch_compile_fullgraph_matches_eager(precision):
-    layer = make_layer(precision)
+def test_torch_compile_fullgraph_matches_eager(precision, fused):
+    """fused=True runs the block as the custom ops of fp8moe.moe.fused_ops under the compiler: the same bits."""
+    layer = make_layer(precision, fused=fused)
     x = make_tokens(8, dtype=torch.bfloat16)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     y, aux = compiled(x)

@@ -329,3 +329,36 @@ def bad_call(**changes):
 def test_bad_arguments_name_the_argument(changes, error, match):
     with pytest.raises(error, match=match):
         bad_call(**changes)
+
+
+@pytest.mark.parametrize(
+    "precision, w_dtype, grads",
+    [
+        ("fp8", torch.float32, (True, True, True, True)),
+        ("fp8", torch.bfloat16, (False, True, False, True)),  # no dx: no transposed w_gate_up
+        ("bf16", torch.bfloat16, (True, False, True, False)),  # the bf16 weight is its own bf16 copy
+        ("bf16", torch.float32, (False, False, False, False)),  # no gradient: the forward alone
+    ],
+)
+def test_torch_compile_fullgraph_matches_eager(precision, w_dtype, grads):
+    """fused_experts under torch.compile(fullgraph=True) (the custom ops of fp8moe.moe.fused_ops): the same
+    output and gradients as the eager autograd function, bit for bit, whichever inputs need gradients."""
+    x, w1, w2, ids, c, dy = problem(7, t=45, e=5, k=3, w_dtype=w_dtype, x_dtype=torch.bfloat16)
+
+    def block(x, w1, w2, c):
+        return fused_experts(x, w1, w2, ids, c, backend="reference", precision=precision)
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (block, compiled):
+        leaves = [t.detach().clone().requires_grad_(g) for t, g in zip((x, w1, w2, c), grads)]
+        y = fn(*leaves)
+        if any(grads):
+            y.backward(dy)
+        results.append([y.detach(), *(t.grad for t in leaves)])
+    for name, eager, comp in zip(NAMES, *results):
+        assert (eager is None) == (comp is None), name
+        if eager is not None:
+            assert comp.dtype == eager.dtype and torch.equal(comp, eager), name
+    with torch.no_grad():
+        assert torch.equal(compiled(x, w1, w2, c), block(x, w1, w2, c))

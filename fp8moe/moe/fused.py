@@ -31,6 +31,7 @@ from torch.autograd.function import once_differentiable
 from fp8moe import weight_cache
 from fp8moe.backends import BACKEND_NAMES, load_backend, resolve_backend
 from fp8moe.moe import pieces
+from fp8moe.moe.fused_ops import fused_experts_compiled
 from fp8moe.moe.routing import RoutingPlan, plan_routing
 from fp8moe.plan import GroupLayout
 from fp8moe.recipe import BLOCK
@@ -222,7 +223,9 @@ def fused_experts(
         precision: "fp8" (blockwise FP8 GEMMs; weights through the weight cache) or "bf16"
             (``torch._grouped_mm`` on the same padded layout).
         plan: ``plan_routing(expert_ids, E)`` if already computed (built here otherwise).
-        cache_weight: reuse the quantized weights while unchanged (see :mod:`fp8moe.weight_cache`).
+        cache_weight: reuse the quantized weights while unchanged (see :mod:`fp8moe.weight_cache`). Eager
+            calls only: under ``torch.compile`` the block runs as the custom ops of :mod:`fp8moe.moe.fused_ops`
+            and quantizes the weights in every call.
 
     Returns:
         y: (T, D) in x's dtype, accumulated in fp32 from the bf16 expert outputs. Differentiable once in
@@ -268,6 +271,8 @@ def fused_experts(
         raise ValueError(f"plan: planned for {tuple(plan.pos.shape)} assignments over {plan.layout.num_groups} experts")
     key = resolve_backend(backend, x.device) if precision == "fp8" else ""
     x, w_gate_up, w_down, combine = (t.contiguous() for t in (x, w_gate_up, w_down, combine))
+    if torch.compiler.is_compiling():  # custom ops the compiler traces whole (fp8moe.moe.fused_ops)
+        return fused_experts_compiled(x, w_gate_up, w_down, combine, plan, precision, key)
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, w_gate_up, w_down, combine))):
         # inference: no autograd node, nothing saved, no token tiles, no transposed weights
         gemms = _Fp8Gemms(key, cache_weight) if precision == "fp8" else _Bf16Gemms()

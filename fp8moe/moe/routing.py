@@ -26,6 +26,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from fp8moe import ops
 from fp8moe.plan import GroupLayout, plan_groups
 
 SCORES = ("softmax", "sigmoid")
@@ -146,9 +147,17 @@ def plan_routing(
         counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
         counts.scatter_add_(0, key, torch.ones_like(key))
         offsets = torch.cumsum(counts[:num_experts], 0).to(torch.int32)
-    layout = plan_groups(offsets, flat.numel())
-    pos = torch.empty_like(flat).scatter_(0, order, layout.row_to_padded.long())
-    source = layout.padded_to_row.long()
+    if torch.compiler.is_compiling():
+        # Under torch.compile: the plan as its custom op (a GPU's plan kernel is opaque to the compiler) and the
+        # views read through the properties' functions (the compiler cannot enter a cached_property's lock).
+        layout = GroupLayout.from_data(offsets, ops.plan_op(offsets, flat.numel()), flat.numel())
+        row_to_padded = GroupLayout.row_to_padded.func(layout)
+        padded_to_row = GroupLayout.padded_to_row.func(layout)
+    else:
+        layout = plan_groups(offsets, flat.numel())
+        row_to_padded, padded_to_row = layout.row_to_padded, layout.padded_to_row
+    pos = torch.empty_like(flat).scatter_(0, order, row_to_padded.long())
+    source = padded_to_row.long()
     row_assignment = torch.where(source >= 0, order[source.clamp(min=0)] if flat.numel() else source, -1)
     return RoutingPlan(layout, pos.view(num_tokens, k), row_assignment)
 
