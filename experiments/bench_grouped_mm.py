@@ -42,12 +42,10 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import math
 import sys
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -56,12 +54,17 @@ from torch import Tensor
 import fp8moe
 from fp8moe.testing import (
     ROUTING_PRESETS,
+    BenchSettings,
     Timing,
     check_size_flags,
+    failure,
+    fmt,
+    pair,
     routing_offsets,
     run_environment,
     saved_tensor_bytes,
     time_call,
+    write_report,
 )
 
 SEED_SHAPE = dict(experts=8, rows=32768, n=2048, k=7168)
@@ -90,32 +93,6 @@ class Rate:
     rate: float | None = None
     unit: str = ""
     note: str = ""
-
-
-@dataclass
-class Settings:
-    """The timer's call counts, and the time budget of the run (cases still to run after it are skipped)."""
-
-    calls: int
-    warmup: int
-    cpu_calls: int
-    profile_calls: int
-    budget_s: float
-    start: float = field(default_factory=time.monotonic, repr=False)
-
-    def timer(self, **kwargs) -> dict:
-        counts = dict(warmup=self.warmup, calls=self.calls, cpu_calls=self.cpu_calls, profile_calls=self.profile_calls)
-        return counts | kwargs
-
-    def elapsed(self) -> float:
-        return time.monotonic() - self.start
-
-    def over_budget(self) -> bool:
-        return self.elapsed() > self.budget_s
-
-
-def failure(exc: BaseException) -> str:
-    return f"failed: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
 
 
 # ---------------------------------------------------------------------------------------------- cases
@@ -204,7 +181,7 @@ def differentiable_cases(offsets: Tensor, w: Tensor, device: str) -> dict[str, C
     return cases
 
 
-def measure(fn: CaseFn, x: Tensor, w: Tensor, dy: Tensor, settings: Settings) -> Row:
+def measure(fn: CaseFn, x: Tensor, w: Tensor, dy: Tensor, settings: BenchSettings) -> Row:
     def fwd() -> Tensor:
         return fn(x, w)
 
@@ -238,7 +215,7 @@ def run_order(names: list[str]) -> list[str]:
     return sorted(names, key=rank)
 
 
-def run_cases(offsets: Tensor, x: Tensor, w: Tensor, dy: Tensor, device: str, settings: Settings) -> list[Row]:
+def run_cases(offsets: Tensor, x: Tensor, w: Tensor, dy: Tensor, device: str, settings: BenchSettings) -> list[Row]:
     rows = []
     cases = differentiable_cases(offsets, w, device)
     display = list(cases)
@@ -268,7 +245,7 @@ def run_cases(offsets: Tensor, x: Tensor, w: Tensor, dy: Tensor, device: str, se
 # ---------------------------------------------------------------------------------------------- floors and ceilings
 
 
-def raw_deepgemm(x: Tensor, w: Tensor, dy: Tensor, offsets: Tensor, settings: Settings) -> list[Rate]:
+def raw_deepgemm(x: Tensor, w: Tensor, dy: Tensor, offsets: Tensor, settings: BenchSettings) -> list[Rate]:
     """DeepGEMM's forward, dgrad and wgrad kernels alone, on operands quantized beforehand (by fp8moe's public
     reference quantizers, laid out as DeepGEMM wants them: 128-row padded groups, MN-major scales)."""
     names = ("DeepGEMM m-grouped NT (forward)", "DeepGEMM m-grouped NT (dgrad)", "DeepGEMM k-grouped NT (wgrad, fp32)")
@@ -337,7 +314,7 @@ def raw_deepgemm(x: Tensor, w: Tensor, dy: Tensor, offsets: Tensor, settings: Se
     return out
 
 
-def ceilings(m: int, n: int, k: int, settings: Settings) -> list[Rate]:
+def ceilings(m: int, n: int, k: int, settings: BenchSettings) -> list[Rate]:
     """Copy bandwidth, dense FP8 and bf16 GEMM throughput at (M, N, K) = (rows, N, K), in this run."""
     out = []
     dev = "cuda"
@@ -371,14 +348,6 @@ def ceilings(m: int, n: int, k: int, settings: Settings) -> list[Rate]:
 
 
 # ---------------------------------------------------------------------------------------------- report
-
-
-def fmt(v: float | None, digits: int = 3) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
-
-
-def pair(a: float | None, b: float | None, digits: int = 3) -> str:
-    return f"{fmt(a, digits)} / {fmt(b, digits)}"
 
 
 def routing_table(rows: list[Row], flops: float) -> list[str]:
@@ -465,11 +434,7 @@ def render(report: dict) -> str:
 def write(report: dict, out: Path | None) -> str:
     """The markdown of ``report`` (Row, Rate and Timing objects inside), written with the JSON to ``out``."""
     text = render(report)
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "bench_grouped_mm.md").write_text(text + "\n")
-        as_json = json.dumps(report, indent=1, default=lambda o: asdict(o) if is_dataclass(o) else str(o))
-        (out / "bench_grouped_mm.json").write_text(as_json)
+    write_report(out, "bench_grouped_mm", text, report)
     return text
 
 
@@ -504,14 +469,16 @@ def main(argv: list[str] | None = None) -> dict:
     if on_gpu:
         device, out = "cuda", args.out or REPO / "experiments" / "results"
         profile_calls = 0 if args.no_profile else 3
-        settings = Settings(args.calls, warmup=3, cpu_calls=10, profile_calls=profile_calls, budget_s=args.budget_s)
+        settings = BenchSettings(
+            args.calls, warmup=3, cpu_calls=10, profile_calls=profile_calls, budget_s=args.budget_s
+        )
     else:
         print(
             "no CUDA device: smoke run of a tiny shape on the reference backend (timings mean nothing)", file=sys.stderr
         )
         vars(args).update(SMOKE_SHAPE)
         device, out = "cpu", args.out
-        settings = Settings(calls=3, warmup=1, cpu_calls=2, profile_calls=0, budget_s=args.budget_s)
+        settings = BenchSettings(calls=3, warmup=1, cpu_calls=2, profile_calls=0, budget_s=args.budget_s)
     e, m, n, k = args.experts, args.rows, args.n, args.k
     torch.manual_seed(0)
     x = torch.randn(m, k, device=device, dtype=torch.bfloat16).requires_grad_()
@@ -521,7 +488,7 @@ def main(argv: list[str] | None = None) -> dict:
         **run_environment(("torch", "triton", "deep_gemm", "torchao")),
         "device": torch.cuda.get_device_name() if on_gpu else "CPU (smoke run)",
         "shape": dict(experts=e, rows=m, n=n, k=k),
-        "timer": {key: value for key, value in asdict(settings).items() if key != "start"},
+        "timer": settings.as_dict(),
         "backend_info": fp8moe.backend_info(device),
         "ceilings": [],
         "routings": {},

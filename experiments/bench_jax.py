@@ -33,11 +33,10 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # before jax is
 
 import argparse  # noqa: E402
 import inspect  # noqa: E402
-import json  # noqa: E402
 import math  # noqa: E402
 import sys  # noqa: E402
 from collections.abc import Callable  # noqa: E402
-from dataclasses import asdict, dataclass, is_dataclass  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
@@ -50,9 +49,13 @@ from fp8moe.testing import (  # noqa: E402
     ROUTING_PRESETS,
     Timing,
     check_size_flags,
+    failure,
+    fmt,
+    pair,
     routing_offsets,
     run_environment,
     time_call,
+    write_report,
 )
 
 CPU_SMOKE_SHAPE = dict(experts=4, rows=256, n=128, k=128)
@@ -79,10 +82,6 @@ def jax_gpu_available() -> bool:
         return bool(jax.devices("gpu")) and torch.cuda.is_available()
     except RuntimeError:
         return False
-
-
-def failure(exc: BaseException) -> str:
-    return f"failed: {type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
 
 
 def bridge_functions(backend: str) -> tuple[Callable, Callable]:
@@ -216,14 +215,6 @@ def run(args: argparse.Namespace, on_gpu: bool, timer: dict) -> tuple[list[Row],
     return rows, info
 
 
-def fmt(v: float | None, digits: int = 3) -> str:
-    return "-" if v is None else f"{v:.{digits}f}"
-
-
-def pair(a: float | None, b: float | None, digits: int = 3) -> str:
-    return f"{fmt(a, digits)} / {fmt(b, digits)}"
-
-
 def table(rows: list[Row], flops_fwd: float) -> list[str]:
     by_case = {r.case: r for r in rows}
     ragged = by_case.get(RAGGED)
@@ -326,11 +317,8 @@ def main(argv: list[str] | None = None) -> dict:
         **info,
         "rows": rows,
     }
+    write_report(out, "bench_jax", text, report)
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "bench_jax.md").write_text(text + "\n")
-        as_json = json.dumps(report, indent=1, default=lambda o: asdict(o) if is_dataclass(o) else str(o))
-        (out / "bench_jax.json").write_text(as_json)
         print(f"wrote {out / 'bench_jax.md'} and bench_jax.json", file=sys.stderr)
     return report
 

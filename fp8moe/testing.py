@@ -566,3 +566,65 @@ def check_size_flags(parser, args, counts: tuple[str, ...] = ("experts", "rows",
     for flag in ("n", "k"):
         if getattr(args, flag) < 1 or getattr(args, flag) % 128:
             parser.error(f"--{flag}: expected a positive multiple of 128, got {getattr(args, flag)}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Benchmark reports
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BenchSettings:
+    """A benchmark's call counts for :func:`time_call`, and its time budget (cases still to run after it are
+    skipped, with a note)."""
+
+    calls: int
+    warmup: int
+    cpu_calls: int
+    profile_calls: int
+    budget_s: float
+    start: float = field(default_factory=time.monotonic, repr=False)
+
+    def timer(self, **kwargs) -> dict:
+        """``time_call`` keyword arguments: the counts, updated by ``kwargs``."""
+        counts = dict(warmup=self.warmup, calls=self.calls, cpu_calls=self.cpu_calls, profile_calls=self.profile_calls)
+        return counts | kwargs
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def over_budget(self) -> bool:
+        return self.elapsed() > self.budget_s
+
+    def as_dict(self) -> dict:
+        return {"calls": self.calls, "warmup": self.warmup, "cpu_calls": self.cpu_calls,
+                "profile_calls": self.profile_calls, "budget_s": self.budget_s}  # fmt: skip
+
+
+def failure(exc: BaseException) -> str:
+    """A benchmark row's note for a case that raised: ``failed: Type: message`` on one line."""
+    return f"failed: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+
+
+def fmt(v: float | None, digits: int = 3) -> str:
+    """A table cell: ``-`` for a number not measured (None or NaN)."""
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def pair(a: float | None, b: float | None, digits: int = 3) -> str:
+    """Two numbers in one cell, ``a / b`` (fwd / fwd+bwd)."""
+    return f"{fmt(a, digits)} / {fmt(b, digits)}"
+
+
+def write_report(out: Path | None, stem: str, text: str, report: dict) -> None:
+    """Write ``text`` to ``out/stem.md`` and ``report`` (dataclasses such as :class:`Timing` inside) to
+    ``out/stem.json``; nothing when ``out`` is None."""
+    if out is None:
+        return
+    import json
+    from dataclasses import asdict, is_dataclass
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.md").write_text(text + "\n")
+    as_json = json.dumps(report, indent=1, default=lambda o: asdict(o) if is_dataclass(o) else str(o))
+    (out / f"{stem}.json").write_text(as_json)
