@@ -15,7 +15,7 @@ import fp8moe
 from experiments import compare, train_moe
 from experiments._config import SIZES, TrainConfig, lr_at
 from experiments.data import held_out_batches, load_corpus, stdlib_path, train_batch
-from fp8moe.testing import sqnr_db
+from fp8moe.testing import BenchSettings, sqnr_db
 
 JAX_MISSING = train_moe.jax_unavailable_reason()
 
@@ -373,3 +373,47 @@ def test_train_moe_runs_as_a_file_from_any_folder(tmp_path):
     assert result.returncode == 2 and "--steps: expected >= 1, got 0" in result.stderr, result.stderr
     for name in ("train_moe", "_config", "_model_torch", "_model_jax", "data"):
         assert "sys.path" not in (repo / "experiments" / f"{name}.py").read_text()
+
+
+def test_bench_moe_layer_smoke_reports_every_row_and_the_targets(tmp_path, capsys):
+    """The MoE layer benchmark end to end on a tiny shape (reference backend, the same timer as on the GPU): every
+    row measured or given its reason, the targets checked, the .md/.json written."""
+    from experiments import bench_moe_layer
+
+    report = bench_moe_layer.main(["--smoke", "--out", str(tmp_path)])
+    (result,) = report["shapes"]
+    rows = {row.key: row for row in result.rows}
+    assert list(rows) == list(bench_moe_layer.SMOKE_ROWS)
+    for key in ("fused-fp8-reference", "fused-bf16", "op-fp8-reference", "op-bf16"):
+        assert rows[key].fwd.median_ms > 0 and rows[key].fwd_bwd.cpu_ms > 0 and not rows[key].note, key
+    if rows["op-torchao"].fwd is None:  # no torchao here, or no GPU: a reason, not a crash
+        assert "torchao" in rows["op-torchao"].note
+    targets = {c["target"] for c in report["targets"]}
+    assert len(targets) == len(bench_moe_layer.TARGETS)
+    text = (tmp_path / "bench_moe_layer.md").read_text()
+    assert "## Targets" in text and "fused fp8 (reference)" in text and "F=128 = 1 x 128" in text
+    saved = json.loads((tmp_path / "bench_moe_layer.json").read_text())
+    assert saved["shapes"][0]["shape"]["tokens"] == result.shape.tokens and saved["weights"] == "fresh"
+    assert text.splitlines()[-1] in capsys.readouterr().out
+
+
+def test_bench_moe_layer_shapes_rows_and_failures(monkeypatch):
+    from experiments import bench_moe_layer
+
+    args = bench_moe_layer.parse_args(["--smoke", "--shapes", "seed,64:128:200:4:2", "--rows", "op-bf16"])
+    seed, custom = args.shapes
+    assert (seed.tokens, seed.d_model, seed.d_ff, seed.experts, seed.top_k) == (8192, 7168, 2048, 8, 4)
+    assert custom.d_ff == 256 and "not a multiple of 128" in custom.note  # rounded up, and said so
+    assert bench_moe_layer.parse_shape("v2-lite").d_ff == 1408  # 11 x 128: taken as is
+    for bad in (["--rows", "nope"], ["--shapes", "1:2:3"], ["--calls", "0"]):
+        with pytest.raises(SystemExit):
+            bench_moe_layer.parse_args(["--smoke", *bad])
+
+    def broken(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(bench_moe_layer, "measure", broken)
+    settings = BenchSettings(1, warmup=0, cpu_calls=0, profile_calls=0, budget_s=60)
+    result = bench_moe_layer.run_shape(custom, ["op-bf16", "fused-fp8-deepgemm"], "cpu", settings, True)
+    assert result.rows[0].note.startswith("failed: OutOfMemoryError: CUDA out of memory")
+    assert result.rows[1].fwd is None and result.rows[1].note  # DeepGEMM cannot run on a CPU: its reason
