@@ -362,3 +362,27 @@ def test_torch_compile_fullgraph_matches_eager(precision, w_dtype, grads):
             assert comp.dtype == eager.dtype and torch.equal(comp, eager), name
     with torch.no_grad():
         assert torch.equal(compiled(x, w1, w2, c), block(x, w1, w2, c))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_fused_layer_takes_any_float_dtype_as_fp32(dtype):
+    """The op-by-op layer takes tokens and weights of any float dtype; the fused layer too: what the block does
+    not take (fp16, fp64) enters it as fp32, y and the gradients come back in the tensors' own dtypes."""
+    torch.manual_seed(0)
+    layer = MoE(D, FF, 4, 2, precision="fp8", backend="reference", fused=True)
+    x = torch.randn(30, D, generator=torch.Generator().manual_seed(1)).to(dtype)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).to(dtype).float()
+    layer.to(dtype)
+    as_fp32 = MoE(D, FF, 4, 2, precision="fp8", backend="reference", fused=True)
+    as_fp32.load_state_dict({name: t.float() for name, t in layer.state_dict().items()})
+    results = []
+    for module, inp in ((layer, x), (as_fp32, x.float())):
+        inp = inp.clone().requires_grad_()
+        y, _ = module(inp)
+        y.float().backward(dy)
+        results.append((y, inp.grad, module.w_down.grad))
+    (y, dx, dw), (y_want, dx_want, dw_want) = results
+    assert y.dtype == dx.dtype == dw.dtype == dtype
+    assert torch.equal(y, y_want.to(dtype)) and torch.equal(dw, dw_want.to(dtype))
+    # dx adds the router's gradient in x's dtype: one more rounding there
+    torch.testing.assert_close(dx, dx_want.to(dtype), rtol=2e-3, atol=2e-3)

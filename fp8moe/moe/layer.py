@@ -198,17 +198,23 @@ class MoE(nn.Module):
             return y.to(x.dtype).reshape(x.shape), routing.aux_loss
         if self.fused:
             plan = plan_routing(routing.experts, self.num_experts, order=routing.order, offsets=routing.offsets)
+            # the block takes bf16 or fp32 tensors; others (fp16, fp64) enter it as fp32, as any float enters
+            # the op-by-op layer
+            block_in, w_gate_up, w_down = (
+                t if t.dtype in (torch.bfloat16, torch.float32) else t.float()
+                for t in (tokens, self.w_gate_up, self.w_down)
+            )
             y = fused_experts(
-                tokens,
-                self.w_gate_up,
-                self.w_down,
+                block_in,
+                w_gate_up,
+                w_down,
                 routing.experts,
                 routing.combine,
                 backend=self.backend,
                 precision=self.precision,
                 plan=plan,
             )
-            return y.reshape(x.shape), routing.aux_loss
+            return y.to(x.dtype).reshape(x.shape), routing.aux_loss
         # Gather from the flat (T*k, D) assignment list: unique indices, so the backward is deterministic.
         assignments = tokens.to(torch.bfloat16).unsqueeze(1).expand(-1, k, -1).reshape(num_tokens * k, self.d_model)
         out = self._experts(assignments.index_select(0, routing.order), routing.offsets)  # expert-sorted
