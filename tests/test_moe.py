@@ -183,6 +183,23 @@ def test_torch_compile_fullgraph_matches_eager(precision, fused):
         torch.testing.assert_close(g, p.grad)
 
 
+def test_torch_compile_of_the_fused_layer_follows_the_token_count():
+    """A new token count recompiles with dynamic shapes (the custom ops' shapes are symbolic): still the eager bits."""
+    layer = make_layer("fp8", fused=True)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    for tokens in (40, 57):
+        x = make_tokens(tokens, shape=(tokens, D), dtype=torch.bfloat16)
+        results = []
+        for fn in (compiled, layer):
+            layer.zero_grad()
+            xr = x.clone().requires_grad_()
+            y, aux = fn(xr)
+            (y.float().square().sum() + aux).backward()
+            results.append([y, xr.grad, *(p.grad for p in layer.parameters())])
+        for got, want in zip(*results):
+            assert torch.equal(got, want), tokens
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
