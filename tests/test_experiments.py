@@ -417,3 +417,23 @@ def test_bench_moe_layer_shapes_rows_and_failures(monkeypatch):
     result = bench_moe_layer.run_shape(custom, ["op-bf16", "fused-fp8-deepgemm"], "cpu", settings, True)
     assert result.rows[0].note.startswith("failed: OutOfMemoryError: CUDA out of memory")
     assert result.rows[1].fwd is None and result.rows[1].note  # DeepGEMM cannot run on a CPU: its reason
+
+
+def test_bench_moe_layer_torchao_layer_passes_the_weights_as_torchao_wants_them(monkeypatch):
+    """The torchao row: B_t = w.transpose(-2, -1), (E, K, N) in per-group column-major strides, and the layer's
+    offsets. With a bf16 stand-in for torchao's GEMM it must be the op-by-op bf16 layer, bit for bit."""
+    from experiments import bench_moe_layer
+
+    seen = []
+
+    def stand_in(a, b_t, offs, out_dtype):
+        seen.append((b_t.shape, b_t.stride(), offs.dtype))
+        return torch._grouped_mm(a, b_t.to(torch.bfloat16), offs=offs).to(out_dtype)
+
+    monkeypatch.setattr(bench_moe_layer, "torchao_rowwise", lambda: stand_in)
+    shape = bench_moe_layer.parse_shape("64:128:128:4:2")
+    x = torch.randn(64, 128).to(torch.bfloat16)
+    ys = [bench_moe_layer.build_layer(key, shape, "cpu")(x)[0] for key in ("op-torchao", "op-bf16")]
+    assert torch.equal(*ys)
+    (e, k, n), strides = seen[0][0], seen[0][1]
+    assert (e, k, n) == (4, 128, 256) and strides == (k * n, 1, k) and seen[0][2] == torch.int32
