@@ -31,7 +31,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +41,7 @@ from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 from jax.experimental.buffer_callback import buffer_callback
 from torch import Tensor
 
-from fp8moe.backends import BACKEND_NAMES, resolve_backend
+from fp8moe.backends import BACKEND_NAMES, load_backend, resolve_backend
 from fp8moe.moe import fused as torch_fused
 from fp8moe.moe.fused import SavedSpec, saved_spec
 from fp8moe.moe.routing import RoutingPlan, plan_routing
@@ -62,8 +62,6 @@ _JAX = {
     FP8_DTYPE: jnp.uint8,
     torch.bool: jnp.uint8,
 }
-# saved-dict keys that are (or, in bf16, may be) inputs of the block: passed through, never copied
-_INPUT_KEYS = {"c": "combine", "w1_t": "w_gate_up", "w2_t": "w_down"}
 
 Spec = tuple[tuple[str, Any], ...]  # saved_spec as a hashable tuple of (key, entry)
 
@@ -105,10 +103,11 @@ class _Fp8IntoXla:
     h and the expert outputs (the M-grouped GEMM's ``out``); in the backward the weight gradients (the
     K-grouped GEMM's ``out``). Everything else is delegated unchanged."""
 
-    def __init__(self, key: str, weight_dests: Sequence[tuple[Tensor, Any, Any]] = (), wgrad_dests=()) -> None:
+    def __init__(self, key: str, weight_dests: Sequence[tuple[Tensor, Any, Any, Any]] = (), wgrad_dests=()) -> None:
         self.inner = torch_fused._Fp8Gemms(key, cache_weight=False)
         self.impl = self.inner.impl
-        self.weight_dests = weight_dests  # (w, (wq_t, sw_t) buffers or None, mm out buffer or None)
+        # (w, (wq_t, sw_t) buffers or None, mm out buffer or None, pre-quantized (wq, sw, wq_t, sw_t) or None)
+        self.weight_dests = weight_dests
         self.wgrad_dests = wgrad_dests  # (token-tile operand tuple, dw buffer or None)
         self.mm_dests: list[tuple[tuple, Tensor]] = []
 
@@ -116,11 +115,11 @@ class _Fp8IntoXla:
         return getattr(self.inner, name)
 
     def weight(self, w: Tensor, transposed: bool):
-        out_t = mm_out = None
-        for candidate, t_dest, mm_dest in self.weight_dests:
+        out_t = mm_out = given = None
+        for candidate, t_dest, mm_dest, quantized in self.weight_dests:
             if w is candidate:
-                out_t, mm_out = (t_dest if transposed else None), mm_dest
-        wq, sw, wq_t, sw_t = self.impl.quantize_weight(w, transposed, out_t=out_t)
+                out_t, mm_out, given = (t_dest if transposed else None), mm_dest, quantized
+        wq, sw, wq_t, sw_t = given if given is not None else self.impl.quantize_weight(w, transposed, out_t=out_t)
         op = (wq, sw)
         if mm_out is not None:
             self.mm_dests.append((op, mm_out))
@@ -147,17 +146,24 @@ class FusedForwardCallback:
     """``(ctx, out, x, w_gate_up, w_down, expert_ids, combine)``: plan the routing, run the torch block.
 
     ``out``: y (T, D) in x's dtype; then, when any gradient is needed, the plan (offsets (E,), packed plan,
-    pos and row_assignment as int32 pairs) and the saved tensors that are not inputs, in ``spec`` order."""
+    pos and row_assignment as int32 pairs) and the saved tensors that are not inputs, in ``spec`` order.
+    With ``prequantized``, eight more inputs: (wq, sw, wq_t, sw_t) of w_gate_up, then of w_down (FP8 as
+    uint8), used instead of quantizing the weights."""
 
     precision: str
     key: str
     needs: tuple[bool, bool, bool, bool]
     spec: Spec
     inputs: tuple[tuple[str, bool], ...]  # saved keys that are the block's inputs
+    prequantized: bool = False
 
-    def __call__(self, ctx: Any, out: Sequence[Any], x: Any, w1: Any, w2: Any, ids: Any, c: Any) -> None:
+    def __call__(self, ctx: Any, out: Sequence[Any], x: Any, w1: Any, w2: Any, ids: Any, c: Any, *q: Any) -> None:
         with on_xla_stream(ctx, x):
             x_t, w1_t, w2_t, ids_t, c_t = (as_torch(b) for b in (x, w1, w2, ids, c))
+            q1 = q2 = None
+            if self.prequantized:
+                qt = [_view(b, FP8_DTYPE) if i % 2 == 0 else as_torch(b) for i, b in enumerate(q)]
+                q1, q2 = tuple(qt[:4]), tuple(qt[4:])
             plan = plan_routing(ids_t, w1_t.shape[0])
             results = iter(out)
             y_out = as_torch(next(results))
@@ -173,14 +179,18 @@ class FusedForwardCallback:
                     dests[key] = buf if index < 0 else (*dests.get(key, ()), buf)
             if self.precision == "fp8":
                 gemms = _Fp8IntoXla(
-                    self.key, ((w1_t, dests.get("w1_t"), dests.get("h")), (w2_t, dests.get("w2_t"), dests.get("out")))
+                    self.key,
+                    (
+                        (w1_t, dests.get("w1_t"), dests.get("h"), q1),
+                        (w2_t, dests.get("w2_t"), dests.get("out"), q2),
+                    ),
                 )
             else:
                 gemms = torch_fused._Bf16Gemms()
             with torch.autocast(x_t.device.type, enabled=False):
                 y, saved = torch_fused._block_forward(gemms, x_t, w1_t, w2_t, c_t, plan, self.needs)
             _store("y", y_out, y)
-            passed = {"c": c_t, "w1_t": w1_t, "w2_t": w2_t}
+            passed = {"c": c_t, "w1_t": q1[2:] if q1 else w1_t, "w2_t": q2[2:] if q2 else w2_t}
             for key, entry in self.spec:
                 value = saved.get(key)
                 if (entry is None) != (value is None):
@@ -188,7 +198,8 @@ class FusedForwardCallback:
                 if entry is None:
                     continue
                 if inputs.get(key, False):
-                    if value is not passed[key] and value.data_ptr() != passed[key].data_ptr():
+                    pairs = zip(value, passed[key], strict=True) if isinstance(value, tuple) else [(value, passed[key])]
+                    if any(v.data_ptr() != p.data_ptr() for v, p in pairs):
                         raise RuntimeError(f"jax_bridge.fused_experts: saved[{key!r}] is no longer the block's input")
                 elif isinstance(entry, SavedSpec):
                     _store(key, dests[key], value)
@@ -246,6 +257,22 @@ class FusedBackwardCallback:
                     _store(name, dest, value)
 
 
+@dataclass(frozen=True)
+class QuantizeWeightCallback:
+    """``(ctx, out, w)``: the backend's 128x128 quantization of w (E, N, K) into ``out`` = (wq (E, N, K) uint8,
+    sw (E, N/128, K/128), wq_t (E, K, N) uint8, sw_t (E, K/128, N/128)), what the torch weight cache holds."""
+
+    key: str
+
+    def __call__(self, ctx: Any, out: Sequence[Any], w: Any) -> None:
+        with on_xla_stream(ctx, w):
+            wq_out, sw_out = _view(out[0], FP8_DTYPE), as_torch(out[1])
+            out_t = (_view(out[2], FP8_DTYPE), as_torch(out[3]))
+            wq, sw, _, _ = load_backend(self.key).quantize_weight(as_torch(w), True, out_t=out_t)
+            _store("wq", wq_out, wq)
+            _store("sw", sw_out, sw)
+
+
 # --- the JAX side ------------------------------------------------------------------------------------------------
 
 
@@ -277,25 +304,33 @@ def _spec(cfg: _Config, x, w1, ids, c, needs) -> Spec:
     return tuple(saved_spec(cfg.precision, t, k, e, d, two_f // 2, needs, _TORCH[jnp.dtype(c.dtype)]).items())
 
 
-def _input_keys(cfg: _Config, spec: Spec, operands: dict[str, jax.Array]) -> dict[str, bool]:
-    """Which saved entries are the block's own inputs (statically): one tensor of exactly the input's shape and
-    dtype (the combine weights; in bf16 the bf16 weights, since ``w.to(bf16)`` is ``w`` itself)."""
+def _passthrough(cfg: _Config, spec: Spec, c, w1, w2, q) -> dict[str, tuple[jax.Array, ...]]:
+    """The saved entries that are the block's own inputs (decided statically), with those inputs: the combine
+    weights; in bf16 the bf16 weights (``w.to(bf16)`` is ``w`` itself); with pre-quantized weights their
+    transposed halves (wq_t, sw_t)."""
+    candidates = {"c": (c,)}
+    if cfg.precision == "bf16":
+        candidates |= {"w1_t": (w1,), "w2_t": (w2,)}
+    elif q is not None:
+        candidates |= {"w1_t": tuple(q[0][2:]), "w2_t": tuple(q[1][2:])}
     result = {}
     for key, entry in spec:
-        arg = _INPUT_KEYS.get(key)
-        if arg is None or not isinstance(entry, SavedSpec):
+        if entry is None or key not in candidates:
             continue
-        a = operands[arg]
-        same = tuple(a.shape) == entry.shape and _TORCH.get(jnp.dtype(a.dtype)) == entry.dtype
-        result[key] = same and (key == "c" or cfg.precision == "bf16")
+        parts = (entry,) if isinstance(entry, SavedSpec) else entry
+        arrays = candidates[key]
+        if len(parts) == len(arrays) and all(
+            tuple(a.shape) == p.shape and _JAX[p.dtype] == a.dtype for a, p in zip(arrays, parts)
+        ):
+            result[key] = arrays
     return result
 
 
-def _forward(cfg: _Config, x, w1, w2, ids, c, needs) -> tuple[jax.Array, _Residuals | None]:
+def _forward(cfg: _Config, x, w1, w2, ids, c, q, needs) -> tuple[jax.Array, _Residuals | None]:
     (t, _), (e, _, _), k = x.shape, w1.shape, ids.shape[1]
     m, spec = t * k, _spec(cfg, x, w1, ids, c, needs)
-    operands = {"combine": c, "w_gate_up": w1, "w_down": w2}
-    inputs = _input_keys(cfg, spec, operands)
+    passed = _passthrough(cfg, spec, c, w1, w2, q)
+    inputs = {key: True for key in passed}
     shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype)]
     if any(needs):
         mp = padded_rows_bound(m, e)
@@ -306,9 +341,13 @@ def _forward(cfg: _Config, x, w1, w2, ids, c, needs) -> tuple[jax.Array, _Residu
             jax.ShapeDtypeStruct((2 * mp,), jnp.int32),  # row_assignment, int64
         ]
         shapes += [jax.ShapeDtypeStruct(p.shape, _JAX[p.dtype]) for _, _, p in _entries(spec, inputs)]
-    callback = FusedForwardCallback(cfg.precision, cfg.key, needs, spec, tuple(sorted(inputs.items())))
-    axes = _varying_axes(x) | _varying_axes(w1) | _varying_axes(w2) | _varying_axes(ids) | _varying_axes(c)
-    y, *rest = (_vary(r, axes) for r in buffer_callback(callback, tuple(shapes))(x, w1, w2, ids, c))
+    quantized = () if q is None else (*q[0], *q[1])
+    callback = FusedForwardCallback(
+        cfg.precision, cfg.key, needs, spec, tuple(sorted(inputs.items())), prequantized=q is not None
+    )
+    operands = (x, w1, w2, ids, c, *quantized)
+    axes = frozenset().union(*(_varying_axes(a) for a in operands))
+    y, *rest = (_vary(r, axes) for r in buffer_callback(callback, tuple(shapes))(*operands))
     if not any(needs):
         return y, None
     plan, produced = tuple(rest[:4]), iter(rest[4:])
@@ -316,8 +355,8 @@ def _forward(cfg: _Config, x, w1, w2, ids, c, needs) -> tuple[jax.Array, _Residu
     for key, entry in spec:
         if entry is None:
             continue
-        if inputs.get(key, False):
-            saved.append(operands[_INPUT_KEYS[key]])
+        if key in passed:
+            saved += passed[key]
         else:
             saved += [next(produced) for _ in range(1 if isinstance(entry, SavedSpec) else len(entry))]
     dtypes = tuple(jnp.dtype(a.dtype) for a in (x, w1, w2, c))
@@ -325,19 +364,20 @@ def _forward(cfg: _Config, x, w1, w2, ids, c, needs) -> tuple[jax.Array, _Residu
     return y, _Residuals(plan, tuple(saved), needs, spec, dtypes, dims)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _fused(x, w1, w2, ids, c, cfg: _Config) -> jax.Array:
-    return _forward(cfg, x, w1, w2, ids, c, (False,) * 4)[0]  # no gradient: the inference path, nothing saved
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _fused(x, w1, w2, ids, c, q, cfg: _Config) -> jax.Array:
+    return _forward(cfg, x, w1, w2, ids, c, q, (False,) * 4)[0]  # no gradient: the inference path, nothing saved
 
 
-def _fused_fwd(x: CustomVJPPrimal, w1, w2, ids, c, cfg: _Config):
+def _fused_fwd(x: CustomVJPPrimal, w1, w2, ids, c, q, cfg: _Config):
     needs = (x.perturbed, w1.perturbed, w2.perturbed, c.perturbed)
-    return _forward(cfg, x.value, w1.value, w2.value, ids.value, c.value, needs)
+    quantized = jax.tree_util.tree_map(lambda p: p.value, q, is_leaf=lambda p: isinstance(p, CustomVJPPrimal))
+    return _forward(cfg, x.value, w1.value, w2.value, ids.value, c.value, quantized, needs)
 
 
 def _fused_bwd(cfg: _Config, res: _Residuals | None, dy) -> tuple[Any, ...]:
     if res is None or isinstance(dy, SymbolicZero):
-        return None, None, None, None, None
+        return None, None, None, None, None, None
     t, k, e, d, f = res.dims
     shapes = [(t, d), (e, 2 * f, d), (e, d, f), (t, k)]
     out = tuple(jax.ShapeDtypeStruct(s, dt) for s, dt, need in zip(shapes, res.dtypes, res.needs) if need)
@@ -347,7 +387,7 @@ def _fused_bwd(cfg: _Config, res: _Residuals | None, dy) -> tuple[Any, ...]:
     axes = _varying_axes(dy) | frozenset().union(*(_varying_axes(a) for a in res.plan))
     grads = iter(_vary(g, axes) for g in buffer_callback(callback, out)(dy, *res.plan, *res.saved))
     dx, dw1, dw2, dc = (next(grads) if need else None for need in res.needs)
-    return dx, dw1, dw2, None, dc
+    return dx, dw1, dw2, None, dc, None
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd, symbolic_zeros=True)
@@ -371,6 +411,7 @@ def fused_experts(
     *,
     backend: str = "auto",
     precision: str = "fp8",
+    quantized_weights: tuple[QuantizedWeight, QuantizedWeight] | None = None,
 ) -> jax.Array:
     """Routed SwiGLU experts as one fused block, ``y[t] = sum_j combine[t, j] * expert_{e_tj}(x[t])``: the JAX
     face of :func:`fp8moe.moe.fused_experts` (same arguments, rules and bits).
@@ -388,6 +429,10 @@ def fused_experts(
             "reference" on CPU), resolved once at trace time.
         precision: "fp8" (blockwise-FP8 GEMMs) or "bf16" (``torch._grouped_mm`` on the same padded layout;
             the weights are cast to bf16 in JAX, before the callback, which is the cast the torch block does).
+        quantized_weights: ``(quantize_weight(w_gate_up), quantize_weight(w_down))`` computed once for several
+            calls (fp8 only): the block then uses them instead of quantizing the weights itself (the torch
+            block's weight cache). They must be the quantization of the weights passed (not checked); the weight
+            gradients still reach ``w_gate_up`` and ``w_down``.
 
     Returns:
         y: (T, D) in x's dtype, accumulated in fp32 from the bf16 expert outputs. Differentiable in x, the
@@ -396,9 +441,9 @@ def fused_experts(
         differentiated is the torch block's inference path). One forward and one backward callback per call;
         the routing may change between calls without recompiling. Not batchable with ``jax.vmap``.
 
-    Weights are quantized inside every forward (no torch weight cache across callbacks; see the module
-    docstring). Bad shapes, dtypes or options raise ``TypeError``/``ValueError`` naming the argument, at
-    trace time.
+    Without ``quantized_weights`` the weights are quantized inside every forward (no torch weight cache
+    across callbacks; see the module docstring). Bad shapes, dtypes or options raise ``TypeError`` /
+    ``ValueError`` naming the argument, at trace time.
     """
     _check("x", x, 2, FLOAT_DTYPES)
     _check("w_gate_up", w_gate_up, 3, FLOAT_DTYPES)
@@ -429,10 +474,82 @@ def fused_experts(
         raise TypeError(f"backend: expected a str, got {type(backend).__name__}")
     if backend not in BACKEND_NAMES:
         raise ValueError(f"backend: expected one of {BACKEND_NAMES}, got {backend!r}")
+    q = None
+    if quantized_weights is not None:
+        if precision != "fp8":
+            raise ValueError("quantized_weights: only with precision='fp8'")
+        q = _check_quantized(quantized_weights, w_gate_up, w_down)
     device = _torch_device(_platform_of(x))
     key = resolve_backend(backend, device) if precision == "fp8" else ""
     if precision == "bf16":  # the torch block's w.to(bf16), done by XLA: the callback then saves the input itself
         w_gate_up, w_down = w_gate_up.astype(jnp.bfloat16), w_down.astype(jnp.bfloat16)
     operands = (x, w_gate_up, w_down, expert_ids, combine)
-    axes = frozenset().union(*(_varying_axes(a) for a in operands))
-    return _fused(*(_vary(jnp.asarray(a), axes) for a in operands), _Config(precision, key))
+    axes = frozenset().union(*(_varying_axes(a) for a in (*operands, *jax.tree_util.tree_leaves(q))))
+    x, w_gate_up, w_down, expert_ids, combine = (_vary(jnp.asarray(a), axes) for a in operands)
+    q = jax.tree_util.tree_map(lambda a: _vary(a, axes), q)
+    return _fused(x, w_gate_up, w_down, expert_ids, combine, q, _Config(precision, key))
+
+
+class QuantizedWeight(NamedTuple):
+    """An expert weight (E, N, K) quantized 128x128 for the fused block (:func:`quantize_weight`): e4m3 bits
+    as uint8 and fp32 dequantization scales, in both layouts (the forward GEMM's and the dgrad GEMM's)."""
+
+    wq: jax.Array  # (E, N, K) uint8
+    sw: jax.Array  # (E, N/128, K/128) float32
+    wq_t: jax.Array  # (E, K, N) uint8
+    sw_t: jax.Array  # (E, K/128, N/128) float32
+
+
+def quantize_weight(w: jax.Array, *, backend: str = "auto") -> QuantizedWeight:
+    """Quantize an expert weight once, for several :func:`fused_experts` calls (``quantized_weights=``).
+
+    The JAX counterpart of torch's weight cache, which cannot live across callbacks: e.g. quantize both
+    weights once per jitted step and feed them to every micro-batch's block (``lax.scan`` over micro-batches),
+    instead of quantizing them in every block forward. The same bits as the block's own quantization (the
+    backend's ``quantize_weight``). Not differentiable (the gradient reaches ``w`` through ``fused_experts``,
+    which still takes ``w``).
+
+    Args:
+        w: (E, N, K) bfloat16 or float32, N and K multiples of 128.
+        backend: as in :func:`fused_experts` ("reference" on CPU).
+    """
+    _check("w", w, 3, FLOAT_DTYPES)
+    e, n, k = w.shape
+    if n % BLOCK or k % BLOCK or not (e and n and k):
+        raise ValueError(f"w: expected shape (E, N, K) with N and K positive multiples of {BLOCK}, got {w.shape}")
+    if not isinstance(backend, str) or backend not in BACKEND_NAMES:
+        raise ValueError(f"backend: expected one of {BACKEND_NAMES}, got {backend!r}")
+    key = resolve_backend(backend, _torch_device(_platform_of(w)))
+    shapes = QuantizedWeight(
+        jax.ShapeDtypeStruct((e, n, k), jnp.uint8),
+        jax.ShapeDtypeStruct((e, n // BLOCK, k // BLOCK), jnp.float32),
+        jax.ShapeDtypeStruct((e, k, n), jnp.uint8),
+        jax.ShapeDtypeStruct((e, k // BLOCK, n // BLOCK), jnp.float32),
+    )
+    w = jax.lax.stop_gradient(w)
+    axes = _varying_axes(w)
+    return QuantizedWeight(*(_vary(a, axes) for a in buffer_callback(QuantizeWeightCallback(key), tuple(shapes))(w)))
+
+
+def _check_quantized(quantized: object, w1: jax.Array, w2: jax.Array) -> tuple[tuple[jax.Array, ...], ...]:
+    if not isinstance(quantized, (tuple, list)) or len(quantized) != 2:
+        raise TypeError("quantized_weights: expected a pair (quantize_weight(w_gate_up), quantize_weight(w_down))")
+    result = []
+    for name, q, w in zip(("quantized_weights[0]", "quantized_weights[1]"), quantized, (w1, w2)):
+        if not isinstance(q, (tuple, list)) or len(q) != 4:
+            raise TypeError(f"{name}: expected a QuantizedWeight (wq, sw, wq_t, sw_t)")
+        e, n, k = w.shape
+        expected = QuantizedWeight(
+            ((e, n, k), jnp.uint8),
+            ((e, n // BLOCK, k // BLOCK), jnp.float32),
+            ((e, k, n), jnp.uint8),
+            ((e, k // BLOCK, n // BLOCK), jnp.float32),
+        )
+        for field, a, (shape, dtype) in zip(QuantizedWeight._fields, q, expected):
+            if not isinstance(a, (jax.Array, np.ndarray)) or tuple(a.shape) != shape or a.dtype != dtype:
+                got = f"{getattr(a, 'dtype', type(a).__name__)} {tuple(getattr(a, 'shape', ()))}"
+                raise ValueError(
+                    f"{name}.{field}: expected {jnp.dtype(dtype)} {shape} (from the weight's shape), got {got}"
+                )
+        result.append(tuple(jnp.asarray(a) for a in q))
+    return tuple(result)

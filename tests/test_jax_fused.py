@@ -7,6 +7,7 @@ JAX runs on the CPU here (torch reference backend for precision="fp8")."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import jax
@@ -294,3 +295,47 @@ def test_gemm_results_and_quantized_weights_are_written_into_xla_buffers(monkeyp
     x, w1, w2, ids, c, dy = problem(10)
     jax.vjp(lambda *a: bridge("fp8")(*a[:3], ids, a[3]), x, w1, w2, c)[1](dy)
     assert sorted(set(copied)) == ["a_tiles", "dcombine", "dx", "valid", "x_tiles", "y"]
+
+
+def test_weights_quantized_once_for_several_micro_batches():
+    """quantize_weight once per step, fed to every micro-batch's block in a lax.scan: each micro-batch gives the
+    torch block's bits (with its weight cache), the weight gradients are summed over the micro-batches, and the
+    weights are quantized twice per step (once each), not once per micro-batch."""
+    x1, w1, w2, ids1, c1, dy1 = problem(11)
+    x2, _, _, ids2, c2, dy2 = problem(12)
+    xs, ids, cs, dys = (jnp.stack(pair) for pair in ((x1, x2), (ids1, ids2), (c1, c2), (dy1, dy2)))
+
+    def step(w1, w2, xs, cs):
+        q = (jax_bridge.quantize_weight(w1, backend="reference"), jax_bridge.quantize_weight(w2, backend="reference"))
+
+        def micro_batch(total, batch):
+            x, ids, c, dy = batch
+            y = jax_bridge.fused_experts(x, w1, w2, ids, c, backend="reference", quantized_weights=q)
+            return total + jnp.vdot(y, dy), y
+
+        return jax.lax.scan(micro_batch, jnp.zeros((), F32), (xs, ids, cs, dys))
+
+    (_, ys), grads = jax.jit(jax.value_and_grad(step, argnums=(0, 1, 2, 3), has_aux=True))(w1, w2, xs, cs)
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda *a: step(*a)[0], argnums=(0, 1)))(w1, w2, xs, cs))
+    assert jaxpr.count("buffer_callback") == 4  # two quantizations, the block's forward and backward (in the scan)
+    dw1_t, dw2_t = 0, 0
+    for i, (x, ids_i, c, dy) in enumerate(((x1, ids1, c1, dy1), (x2, ids2, c2, dy2))):
+        y_t, (dx_t, g1, g2, dc_t) = torch_block(x, w1, w2, ids_i, c, dy, "fp8")
+        assert same(ys[i], y_t) and same(grads[2][i], dx_t) and same(grads[3][i], dc_t)
+        dw1_t, dw2_t = dw1_t + g1, dw2_t + g2
+    assert same(grads[0], dw1_t) and same(grads[1], dw2_t)
+
+
+def test_bad_quantized_weights():
+    x, w1, w2, ids, c, _ = problem(13)
+    q1, q2 = (jax.eval_shape(lambda w: jax_bridge.quantize_weight(w, backend="reference"), w) for w in (w1, w2))
+    q1, q2 = (jax_bridge.QuantizedWeight(*(jnp.zeros(a.shape, a.dtype) for a in q)) for q in (q1, q2))
+    call = functools.partial(jax_bridge.fused_experts, x, w1, w2, ids, c, backend="reference")
+    with pytest.raises(ValueError, match=r"quantized_weights\[1\].wq: expected uint8 \(4, 256, 128\)"):
+        jax.eval_shape(lambda: call(quantized_weights=(q1, q1)))
+    with pytest.raises(TypeError, match="quantized_weights: expected a pair"):
+        jax.eval_shape(lambda: call(quantized_weights=q1))
+    with pytest.raises(ValueError, match="quantized_weights: only with precision='fp8'"):
+        jax.eval_shape(lambda: call(precision="bf16", quantized_weights=(q1, q2)))
+    with pytest.raises(ValueError, match="w: expected shape"):
+        jax_bridge.quantize_weight(w1[:, :100])
