@@ -125,6 +125,10 @@ class _Fp8IntoXla:
             self.mm_dests.append((op, mm_out))
         return op, ((wq_t, sw_t) if transposed else None)
 
+    def prefetch(self, layout: GroupLayout) -> None:
+        """Nothing: the forward's plan does not reach the backward callback (which rebuilds it from the plan
+        residuals and starts the wgrad provider's host read there, as early as the block's backward asks)."""
+
     def mm(self, a, w, layout: GroupLayout) -> Tensor:
         out = next((dest for op, dest in self.mm_dests if op is w), None)
         return self.impl.m_grouped(*a, *w, layout, torch.bfloat16, out, padded=True)
