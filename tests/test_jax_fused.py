@@ -26,8 +26,23 @@ BF16, F32 = jnp.bfloat16, jnp.float32
 TORCH = {jnp.dtype(BF16): torch.bfloat16, jnp.dtype(F32): torch.float32}
 
 
+def _gpu_device() -> jax.Device | None:
+    try:
+        devices = jax.devices("gpu")
+    except RuntimeError:
+        return None
+    return devices[0] if devices and torch.cuda.is_available() else None
+
+
+GPU = _gpu_device()
+
+
 @pytest.fixture(autouse=True)
-def on_cpu():
+def on_cpu_unless_gpu(request):
+    """Every test runs with JAX's default device on the CPU, except those marked gpu."""
+    if request.node.get_closest_marker("gpu"):
+        yield
+        return
     with jax.default_device(jax.devices("cpu")[0]):
         yield
 
@@ -59,7 +74,7 @@ def tt(a: jax.Array) -> torch.Tensor:
     return torch.from_dlpack(a).clone()
 
 
-def torch_block(x, w1, w2, ids, c, dy, precision, needs=(True,) * 4):
+def torch_block(x, w1, w2, ids, c, dy, precision, needs=(True,) * 4, backend="reference"):
     """torch's fused_experts on the same values: y and the gradients of the inputs in ``needs``."""
     leaves = [tt(a).requires_grad_(need) for a, need in zip((x, w1, w2, c), needs)]
     y = torch_fused_experts(
@@ -68,7 +83,7 @@ def torch_block(x, w1, w2, ids, c, dy, precision, needs=(True,) * 4):
         leaves[2],
         tt(ids),
         leaves[3],
-        backend="reference",
+        backend=backend,
         precision=precision,
         cache_weight=False,
     )
@@ -339,3 +354,52 @@ def test_bad_quantized_weights():
         jax.eval_shape(lambda: call(precision="bf16", quantized_weights=(q1, q2)))
     with pytest.raises(ValueError, match="w: expected shape"):
         jax_bridge.quantize_weight(w1[:, :100])
+
+
+def _gpu_cases() -> list[tuple[str, str]]:
+    if GPU is None:
+        return [("fp8", "none")]
+    import fp8moe
+
+    backends = [b for b, why in fp8moe.backend_info("cuda")["backends"].items() if why is None and b != "reference"]
+    return [("fp8", b) for b in backends] + [("bf16", "auto")]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(GPU is None, reason="needs a CUDA device visible to both JAX and torch")
+@pytest.mark.parametrize("precision, backend", _gpu_cases())
+@pytest.mark.parametrize("routing", ["random", "skewed"])
+def test_gpu_bit_identical_to_torch_fused_experts(precision, backend, routing):
+    """Each GPU backend (and bf16) through the bridge on XLA's stream: the torch block's bits, jitted fwd+bwd and
+    the inference path, also with weights quantized once."""
+    with jax.default_device(GPU):
+        x, w1, w2, ids, c, dy = problem(20, (BF16, F32, F32, F32), routing)
+
+        def fwd_bwd(x, w1, w2, ids, c, dy, quantize):
+            q = None
+            if quantize:
+                q = tuple(jax_bridge.quantize_weight(w, backend=backend) for w in (w1, w2))
+            y, pullback = jax.vjp(
+                lambda x, w1, w2, c: jax_bridge.fused_experts(
+                    x, w1, w2, ids, c, backend=backend, precision=precision, quantized_weights=q
+                ),
+                x,
+                w1,
+                w2,
+                c,
+            )
+            return y, pullback(dy)
+
+        fwd_bwd = jax.jit(fwd_bwd, static_argnums=6)
+        y, grads = fwd_bwd(x, w1, w2, ids, c, dy, False)
+        y_inference = jax.jit(lambda *a: jax_bridge.fused_experts(*a, backend=backend, precision=precision))(
+            x, w1, w2, ids, c
+        )
+        results = [(y, grads)] + ([fwd_bwd(x, w1, w2, ids, c, dy, True)] if precision == "fp8" else [])
+    assert next(iter(y.devices())).platform == GPU.platform
+    y_t, grads_t = torch_block(x, w1, w2, ids, c, dy, precision, backend=backend)
+    assert y_t.device.type == ("cuda" if GPU.platform == "gpu" else "cpu") and same(y_inference, y_t)
+    for y, grads in results:
+        assert same(y, y_t)
+        for name, g, g_t in zip(("dx", "dw_gate_up", "dw_down", "dcombine"), grads, grads_t):
+            assert same(g, g_t), name
