@@ -16,14 +16,21 @@ buffer of the forward callback and an input of the backward one: the routing pla
 and the int64 ``pos`` / ``row_assignment`` carried as pairs of int32), FP8 operands as uint8 arrays of
 e4m3 bits (x's and a's token tiles, the transposed quantized weights) with their fp32 scales, h and the
 expert outputs bf16 in the padded layout, the valid-row mask as uint8. The combine weights, and in bf16 the
-bf16 weights, are the inputs themselves (no copy). The quantized weights, h and the expert outputs are
-written by the GEMMs and quantizer straight into XLA's buffers; the rest is one copy each (small, but the
-token tiles are one read and write of Mp x D bytes).
+bf16 weights (and pre-quantized weights' transposed halves), are the inputs themselves (no copy). The
+transposed quantized weights, h and the expert outputs (and, in the backward, the weight gradients) are
+written by the quantizer and the GEMMs straight into XLA's buffers; the rest is one copy each: y, dx, dc,
+the valid-row mask, and the token tiles (one read and write of Mp x (D + F) bytes, until the block's
+quantization can write into a caller's buffer).
 
 Weights: no torch object survives a callback, so the torch weight cache (``fp8moe.weight_cache``) cannot
-help here: every forward quantizes both weights (one read of each; what ``fused_experts(...,
-cache_weight=False)`` does in torch). Under ``lax.scan`` over micro-batches of one step the weight is
-quantized once per micro-batch.
+help here: by default every forward quantizes both weights (one read of each; what ``fused_experts(...,
+cache_weight=False)`` does in torch), so under ``lax.scan`` over the micro-batches of one step each
+micro-batch quantizes them again. :func:`quantize_weight` quantizes a weight once, as JAX arrays, and
+``fused_experts(..., quantized_weights=...)`` uses them instead (the JAX side of the weight cache).
+
+On a GPU with the DeepGEMM backend the weight gradient needs the padded group sizes on the host: the
+backward callback starts that read at its top and waits for it at the first wgrad launch (the torch block
+starts it in the forward; here the plan does not outlive the forward callback).
 """
 
 from __future__ import annotations
