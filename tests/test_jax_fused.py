@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -403,3 +407,51 @@ def test_gpu_bit_identical_to_torch_fused_experts(precision, backend, routing):
         assert same(y, y_t)
         for name, g, g_t in zip(("dx", "dw_gate_up", "dw_down", "dcombine"), grads, grads_t):
             assert same(g, g_t), name
+
+
+SHARD_MAP_SCRIPT = """
+import jax, jax.numpy as jnp, numpy as np, torch
+from jax.sharding import NamedSharding, PartitionSpec as P
+import jax_bridge
+from fp8moe.moe import fused_experts
+
+mesh = jax.make_mesh((2,), ("d",))
+rng = np.random.default_rng(0)
+x = rng.standard_normal((2, 48, 256), np.float32)
+w1 = rng.standard_normal((3, 256, 256), np.float32) / 16
+w2 = rng.standard_normal((3, 256, 128), np.float32) / 11
+ids = rng.integers(-1, 3, (2, 48, 2)).astype(np.int32)
+c = rng.random((2, 48, 2)).astype(np.float32)
+
+
+def per_device(x, w1, w2, ids, c):  # x, ids, c: this device's shard; the weights replicated
+    def loss(x, w1, w2, c):
+        return jax_bridge.fused_experts(x[0], w1, w2, ids[0], c[0], backend="reference").sum()
+
+    y = jax_bridge.fused_experts(x[0], w1, w2, ids[0], c[0], backend="reference")
+    return (y[None], *jax.grad(loss, argnums=(0, 1, 2, 3))(x, w1, w2, c))
+
+
+spec = dict(in_specs=(P("d"), P(), P(), P("d"), P("d")), out_specs=(P("d"), P("d"), P(), P(), P("d")))
+sharded = [jax.device_put(a, NamedSharding(mesh, P("d"))) for a in (x, ids, c)]
+y, dx, dw1, dw2, dc = jax.jit(jax.shard_map(per_device, mesh=mesh, **spec))(sharded[0], w1, w2, *sharded[1:])
+sums = [0, 0]
+for i in range(2):
+    leaves = [torch.from_numpy(a).requires_grad_() for a in (x[i], w1, w2, c[i])]
+    yt = fused_experts(leaves[0], leaves[1], leaves[2], torch.from_numpy(ids[i]), leaves[3], backend="reference")
+    grads = torch.autograd.grad(yt.sum(), leaves)
+    assert torch.equal(torch.from_numpy(np.asarray(y)[i]), yt.detach()), i
+    assert torch.equal(torch.from_numpy(np.asarray(dx)[i]), grads[0]), i
+    assert torch.equal(torch.from_numpy(np.asarray(dc)[i]), grads[3]), i
+    sums = [sums[0] + grads[1], sums[1] + grads[2]]
+for got, want in zip((dw1, dw2), sums):  # the replicated weights' gradients are summed over the devices
+    assert torch.equal(torch.from_numpy(np.asarray(got)), want)
+print("ok")
+"""
+
+
+def test_shard_map_one_block_per_device_and_replicated_weight_gradients_summed():
+    env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", SHARD_MAP_SCRIPT], env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]

@@ -222,5 +222,7 @@ def test_bad_shapes():
         jax_bridge.moe_layer(params, x[:, :128], top_k=2)
     with pytest.raises(ValueError, match=r"params\['w_down'\]: expected shape \(5, 256, 128\)"):
         jax_bridge.moe_layer(params | {"w_down": params["w_down"][:, :128]}, x, top_k=2)
+    with pytest.raises(TypeError, match="fused: expected a bool"):
+        jax_bridge.moe_layer(params, x, top_k=2, fused="yes")
     with pytest.raises(ValueError, match="d_ff: expected a positive multiple of 128"):
         jax_bridge.init_moe_params(jax.random.key(0), 256, 100, 4)
