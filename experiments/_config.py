@@ -59,13 +59,12 @@ SIZES: dict[str, tuple[ModelConfig, TrainConfig]] = {
         ModelConfig(d_model=128, d_ff=128, num_experts=4, top_k=2, num_layers=2, num_heads=2, seq_len=64),
         TrainConfig(batch_size=8, steps=200, lr=1e-3, num_evals=10, eval_batches=4),
     ),
-    # A few minutes per run on one H100: 32k tokens per step, expert GEMMs of M = 65536 rows. JAX at 8k:
-    # its bf16 jax.lax.ragged_dot runs densely over all experts and needs ~46 GiB at 32k (measured).
+    # A few minutes per run on one H100: 32k tokens per step, expert GEMMs of M = 65536 rows. JAX at the same
+    # batch: its experts run through the bridge's fused block in both precisions (jax_bridge.fused_experts; the
+    # bf16 jax.lax.ragged_dot, which runs densely over all experts and needed ~46 GiB at 32k, is not used).
     "gpu": (
         ModelConfig(d_model=2048, d_ff=2048, num_experts=8, top_k=2, num_layers=4, num_heads=16, seq_len=1024),
-        TrainConfig(
-            batch_size=32, steps=600, lr=5e-4, warmup_fraction=0.1, num_evals=12, eval_batches=8, jax_batch_size=8
-        ),
+        TrainConfig(batch_size=32, steps=600, lr=5e-4, warmup_fraction=0.1, num_evals=12, eval_batches=8),
     ),
 }
 

@@ -1,10 +1,11 @@
 """The training experiment's model in plain JAX: the same transformer as :mod:`_model_torch`.
 
-Its feed-forwards are ``jax_bridge.moe.moe_layer``; AdamW, clipping and the mixed precision are written
-out by hand to match the torch run: fp32 master weights and residual stream, dense matmuls in bf16 with
-fp32 accumulation and bf16 results (what ``torch.autocast`` gives), attention in bf16, norms and losses in
-fp32. The parameters are a pytree built from the torch model's initial weights, so both frameworks start
-from the same point.
+Its feed-forwards are ``jax_bridge.moe.moe_layer`` (``fused=True``: the bridge's fused expert block,
+:func:`jax_bridge.fused_experts`, in both precisions; ``fused=False``: the op-by-op layer); AdamW, clipping
+and the mixed precision are written out by hand to match the torch run: fp32 master weights and residual
+stream, dense matmuls in bf16 with fp32 accumulation and bf16 results (what ``torch.autocast`` gives),
+attention in bf16, norms and losses in fp32. The parameters are a pytree built from the torch model's
+initial weights, so both frameworks start from the same point.
 """
 
 from __future__ import annotations
@@ -61,9 +62,10 @@ def dense(x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def forward(
-    params: Params, tokens: jax.Array, cfg: ModelConfig, precision: str, backend: str
+    params: Params, tokens: jax.Array, cfg: ModelConfig, precision: str, backend: str, fused: bool = False
 ) -> tuple[jax.Array, jax.Array]:
-    """tokens (B, S) int32 -> (logits (B, S, V) bf16, mean aux loss () fp32)."""
+    """tokens (B, S) int32 -> (logits (B, S, V) bf16, mean aux loss () fp32); ``fused``: the MoE layers' experts
+    as the bridge's fused block (``moe_layer(fused=...)``)."""
     b, s = tokens.shape
     d, h = cfg.d_model, cfg.num_heads
     x = params["tok_emb"][tokens] + params["pos_emb"][:s]
@@ -78,6 +80,7 @@ def forward(
             top_k=cfg.top_k,
             precision=precision,
             backend=backend,
+            fused=fused,
         )
         x = x + y.reshape(b, s, d)
         aux.append(layer_aux)
@@ -101,6 +104,7 @@ class JaxTrainer:
         precision: str,
         backend: str,
         initial_weights: dict[str, np.ndarray],
+        fused: bool = False,
     ) -> None:
         self.params = params_from_torch(initial_weights, cfg)
         # m and v get buffers of their own: the train step donates them, and XLA rejects donating one buffer twice.
@@ -111,7 +115,7 @@ class JaxTrainer:
         }
 
         def losses(params: Params, batch: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-            logits, aux = forward(params, batch[:, :-1], cfg, precision, backend)
+            logits, aux = forward(params, batch[:, :-1], cfg, precision, backend, fused)
             ce = cross_entropy(logits, batch[:, 1:])
             return ce + train_cfg.aux_coef * aux, (ce, aux)
 

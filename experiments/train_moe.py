@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--batch-size",
         type=int,
-        help="sequences per step (default: the size's); JAX's bf16 ragged_dot needs a smaller one on one GPU",
+        help="sequences per step of every run (default: the size's)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seeds the initial weights and the batches")
     parser.add_argument("--data", type=Path, help="a text file or folder (default: the Python stdlib sources)")
@@ -464,13 +464,21 @@ def run(args: argparse.Namespace) -> list[RunLog]:
                 from experiments._model_jax import JaxTrainer
                 from experiments._model_torch import initial_weights
 
-                # On a CPU the bridge's bf16 GEMM (torch._grouped_mm) is slow without bf16 instructions:
-                # XLA's ragged_dot computes the same products there, in a few ms a step.
-                jax_precision = "bf16_ragged_dot" if precision == "bf16" and run_device.type == "cpu" else precision
-                trainer = JaxTrainer(cfg, run_cfg, jax_precision, args.backend, initial_weights(cfg, args.seed))
+                # On a GPU both precisions run the bridge's fused expert block (jax_bridge.fused_experts). On a
+                # CPU the layer runs op by op, as the torch model's does there, and the bf16 GEMM is XLA's
+                # ragged_dot: torch._grouped_mm is slow without bf16 instructions, ragged_dot computes the same
+                # products in a few ms a step.
+                on_gpu = run_device.type == "cuda"
+                jax_precision = "bf16_ragged_dot" if precision == "bf16" and not on_gpu else precision
+                trainer = JaxTrainer(
+                    cfg, run_cfg, jax_precision, args.backend, initial_weights(cfg, args.seed), fused=on_gpu
+                )
             gemms = expert_gemms(precision, args.backend, run_device, bf16_math)
-            if framework == "jax" and precision == "bf16":
-                gemms = "bf16 (jax.lax.ragged_dot)" if run_device.type == "cpu" else "bf16 (jax_bridge.grouped_mm_bf16)"
+            if framework == "jax":
+                if precision == "bf16":
+                    gemms = "bf16 (jax_bridge.fused_experts)" if on_gpu else "bf16 (jax.lax.ragged_dot)"
+                elif on_gpu:
+                    gemms += " (jax_bridge.fused_experts)"
             log = RunLog(
                 framework,
                 precision,

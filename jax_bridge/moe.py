@@ -1,12 +1,16 @@
 """A Mixture-of-Experts feed-forward layer in JAX (top-k softmax router, SwiGLU experts) on grouped GEMMs.
 
 The JAX twin of :class:`fp8moe.moe.MoE`, with the same definition, so both give the same outputs for the
-same weights (within bf16 rounding). ``precision="fp8"`` runs the two expert GEMMs (fused gate/up
-projection, down projection) through :func:`jax_bridge.grouped_mm` (blockwise FP8); ``precision="bf16"``
-through :func:`jax_bridge.grouped_mm_bf16` (``torch._grouped_mm`` on the weights cast to bf16, the GEMM of
-the torch twin's bf16 layer); ``precision="bf16_ragged_dot"`` through ``jax.lax.ragged_dot`` on the weights
-cast to bf16 (pure XLA, no torch at run time; it runs densely over all experts, slower and larger on a
-GPU). Everything else is identical.
+same weights. ``precision="fp8"`` and ``precision="bf16"`` run the experts as one fused block,
+:func:`jax_bridge.fused_experts` (dispatch, GEMM1, SwiGLU, GEMM2, combine and their backward in one
+forward and one backward callback: blockwise FP8, or ``torch._grouped_mm`` on the weights cast to bf16),
+the bits of the torch twin's ``MoE(..., fused=True)`` for the same routing; the router, softmax, top-k and
+aux loss stay in JAX (differentiable there) and hand the block the top-k ids and combine weights.
+``fused=False`` runs the op-by-op layer instead (two :func:`jax_bridge.grouped_mm` /
+:func:`jax_bridge.grouped_mm_bf16` calls with a JAX SwiGLU and combine between them: the torch twin's
+``fused=False``). ``precision="bf16_ragged_dot"`` is always op by op, through ``jax.lax.ragged_dot`` on the
+weights cast to bf16 (pure XLA, no torch at run time; it runs densely over all experts, slower and larger on
+a GPU).
 
 Routing, for T tokens and E experts, all on the device (no host read, so it runs inside ``jax.jit``):
 - ``logits = x @ router.T`` in fp32 (full fp32 precision), ``probs = softmax(logits)``; each token picks its
@@ -27,6 +31,7 @@ import jax.numpy as jnp
 
 from fp8moe.backends import BACKEND_NAMES
 from fp8moe.recipe import BLOCK
+from jax_bridge._fused import fused_experts
 from jax_bridge._grouped_mm import grouped_mm, grouped_mm_bf16
 
 PRECISIONS = ("bf16", "bf16_ragged_dot", "fp8")
@@ -132,7 +137,13 @@ def _swiglu(h: jax.Array, d_ff: int) -> jax.Array:
 
 
 def moe_layer(
-    params: dict[str, jax.Array], x: jax.Array, *, top_k: int, precision: str = "fp8", backend: str = "auto"
+    params: dict[str, jax.Array],
+    x: jax.Array,
+    *,
+    top_k: int,
+    precision: str = "fp8",
+    backend: str = "auto",
+    fused: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
     """Top-k routed SwiGLU experts: ``y[t] = sum_j combine[t, j] * expert_{e_j}(x[t])``.
 
@@ -143,9 +154,12 @@ def moe_layer(
         params: from :func:`init_moe_params` (any float dtype; fp32 master weights in the fp8 recipe).
         x: (T, D) or (..., D), any float dtype.
         top_k: experts per token, ``1 <= top_k <= E``.
-        precision: "fp8" (:func:`jax_bridge.grouped_mm`), "bf16" (:func:`jax_bridge.grouped_mm_bf16`,
-            ``torch._grouped_mm``) or "bf16_ragged_dot" (``jax.lax.ragged_dot``).
+        precision: "fp8" (blockwise FP8), "bf16" (``torch._grouped_mm``) or "bf16_ragged_dot"
+            (``jax.lax.ragged_dot``, op by op).
         backend: fp8moe backend for ``precision="fp8"`` ("auto", "reference", "triton", "deepgemm").
+        fused: "fp8" and "bf16" through :func:`jax_bridge.fused_experts` (default; y accumulated in fp32) or,
+            when False, op by op through :func:`jax_bridge.grouped_mm` / :func:`jax_bridge.grouped_mm_bf16`
+            (bf16 activations between the GEMMs, bf16 combine).
 
     Returns:
         (y (like x, in x's dtype), aux_loss () fp32).
@@ -157,9 +171,18 @@ def moe_layer(
         raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
     if backend not in BACKEND_NAMES:
         raise ValueError(f"backend: expected one of {BACKEND_NAMES}, got {backend!r}")
+    if not isinstance(fused, bool):
+        raise TypeError(f"fused: expected a bool, got {type(fused).__name__}")
     tokens = x.reshape(-1, d_model)
     num_tokens = tokens.shape[0]
     routing = route(tokens, params["router"], top_k)
+    if fused and precision != "bf16_ragged_dot":
+        as_float = [
+            a if a.dtype in (jnp.bfloat16, jnp.float32) else a.astype(jnp.float32)
+            for a in (tokens, params["w_gate_up"], params["w_down"])
+        ]
+        y = fused_experts(*as_float, routing.experts, routing.combine, backend=backend, precision=precision)
+        return y.astype(x.dtype).reshape(x.shape), routing.aux_loss
     # Gather from the flat (T*k, D) assignment list with a permutation (unique indices): the transpose
     # is a scatter without collisions, hence deterministic on a GPU.
     assignments = jnp.repeat(tokens.astype(jnp.bfloat16), top_k, axis=0)

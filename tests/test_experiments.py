@@ -85,8 +85,12 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
 
 
 @pytest.mark.skipif(JAX_MISSING is not None, reason=str(JAX_MISSING))
-@pytest.mark.parametrize("precision, min_logits_db", [("bf16", 30), ("fp8", 18)])
-def test_torch_and_jax_models_compute_the_same_function(precision, min_logits_db, monkeypatch, jax_on_cpu):
+@pytest.mark.parametrize(
+    "precision, fused, min_logits_db",
+    [("bf16", False, 30), ("fp8", False, 18), ("bf16", True, 30), ("fp8", True, 18)],
+    ids=["bf16", "fp8", "bf16-fused", "fp8-fused"],
+)
+def test_torch_and_jax_models_compute_the_same_function(precision, fused, min_logits_db, monkeypatch, jax_on_cpu):
     """Stage by stage: the attention path agrees to bf16 rounding, each MoE layer maps the same input to the
     same output, and end to end the logits agree as far as routing and FP8 rounding flips let them (small
     input differences flip bf16/e4m3 roundings inside the MoE and compound over the layers)."""
@@ -103,6 +107,7 @@ def test_torch_and_jax_models_compute_the_same_function(precision, min_logits_db
     with torch.no_grad():  # a decisive router: near-uniform initial routing flips on any rounding difference
         for block in model.blocks:
             block.moe.router.weight.mul_(50)
+            block.moe.fused = fused  # the fused block in both frameworks (what the JAX model runs on a GPU)
     torch_inputs = []
     for block in model.blocks:
         block.moe.register_forward_pre_hook(lambda module, args: torch_inputs.append(args[0].float()))
@@ -119,7 +124,7 @@ def test_torch_and_jax_models_compute_the_same_function(precision, min_logits_db
     moe_layer = _model_jax.moe_layer
     monkeypatch.setattr(_model_jax, "moe_layer", recording_moe_layer)
     params = _model_jax.params_from_torch({n: p.detach().numpy() for n, p in model.named_parameters()}, cfg)
-    logits_jax, _ = _model_jax.forward(params, jnp.asarray(tokens[:, :-1]), cfg, precision, "reference")
+    logits_jax, _ = _model_jax.forward(params, jnp.asarray(tokens[:, :-1]), cfg, precision, "reference", fused)
 
     def to_torch(a):
         return torch.from_numpy(np.array(a.astype(jnp.float32)))

@@ -325,15 +325,29 @@ def test_bench_jax_cpu_smoke_run_prints_only_the_table(tmp_path, capsys):
 
     report = bench_jax.main(["--out", str(tmp_path)])
     out = capsys.readouterr().out
-    assert out.startswith("# jax_bridge grouped GEMM") and "Row(" not in out
+    assert out.startswith("# jax_bridge vs torch-native") and "Row(" not in out
     assert out.strip() == (tmp_path / "bench_jax.md").read_text().strip()
-    cases = {row.case: row for row in report["rows"]}
+    cases = {row.case: row for row in report["rows"] + report["block_rows"]}
     assert set(cases) == {
         "jax.lax.ragged_dot bf16",
+        "torch torch._grouped_mm bf16",
         "jax_bridge.grouped_mm_bf16",
         "torch fp8moe.grouped_mm (reference)",
         "jax_bridge.grouped_mm (reference)",
+        "torch fp8moe.moe.fused_experts (fp8 reference)",
+        "jax_bridge.fused_experts (fp8 reference)",
+        "torch fp8moe.moe.fused_experts (fp8 reference, weights quantized once)",
+        "jax_bridge.fused_experts (fp8 reference, weights quantized once)",
+        "torch fp8moe.moe.fused_experts (bf16)",
+        "jax_bridge.fused_experts (bf16)",
     }
     assert cases["jax_bridge.grouped_mm (reference)"].note == "bit-identical y, dx, dw"
+    assert cases["jax_bridge.grouped_mm_bf16"].note == "bit-identical y, dx, dw"
+    for precision in ("fp8 reference", "fp8 reference, weights quantized once", "bf16"):
+        assert cases[f"jax_bridge.fused_experts ({precision})"].note.startswith("bit-identical y, dx, dw_gate_up")
     assert all(row.fwd.method == "wall+sync" and row.fwd_bwd.median_ms > 0 for row in cases.values())
+    # every bridge row has its overhead over the torch-native row
+    assert out.count("| jax_bridge.") == 5 and all(
+        "%" in line.split("|")[8] for line in out.splitlines() if line.startswith("| jax_bridge.")
+    )
     assert json.loads((tmp_path / "bench_jax.json").read_text())["rows"][0]["case"] == "jax.lax.ragged_dot bf16"

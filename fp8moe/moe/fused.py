@@ -24,6 +24,8 @@ h is kept for the backward (not recomputed).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -33,8 +35,8 @@ from fp8moe.backends import BACKEND_NAMES, load_backend, resolve_backend
 from fp8moe.moe import pieces
 from fp8moe.moe.fused_ops import fused_experts_compiled
 from fp8moe.moe.routing import RoutingPlan, plan_routing
-from fp8moe.plan import GroupLayout
-from fp8moe.recipe import BLOCK
+from fp8moe.plan import GroupLayout, padded_rows_bound
+from fp8moe.recipe import BLOCK, FP8_DTYPE
 
 PRECISIONS = ("bf16", "fp8")
 _FLOAT_DTYPES = (torch.bfloat16, torch.float32)
@@ -151,6 +153,56 @@ def _block_backward(gemms, dy: Tensor, saved: dict, plan: RoutingPlan, needs: tu
     if dc is not None:
         dc = dc.to(dtypes[3])
     return dx, dw1, dw2, dc
+
+
+class SavedSpec(NamedTuple):
+    """Shape and dtype of one tensor of the block's saved dict (see :func:`saved_spec`)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def saved_spec(
+    precision: str,
+    num_tokens: int,
+    top_k: int,
+    num_experts: int,
+    d_model: int,
+    d_ff: int,
+    needs: tuple[bool, ...],
+    combine_dtype: torch.dtype,
+) -> dict[str, SavedSpec | tuple[SavedSpec, ...] | None]:
+    """The static layout of the ``saved`` dict :func:`_block_forward` returns for these sizes and ``needs``
+    (a public hook for callers that must allocate the residuals up front, e.g. the JAX bridge): per key,
+    None, a :class:`SavedSpec`, or a tuple of them (an FP8 operand pair). Empty when nothing is needed.
+    Keep it in step with :func:`_block_forward` (tests/test_jax_fused.py checks the two agree)."""
+    if not any(needs):
+        return {}
+    need_dx, need_dw1, need_dw2, need_dc = needs
+    need_da = need_dx or need_dw1
+    mp = padded_rows_bound(num_tokens * top_k, num_experts)
+    e, d, f, bf16 = num_experts, d_model, d_ff, torch.bfloat16
+
+    def operand(cols: int) -> SavedSpec | tuple[SavedSpec, ...]:  # token tiles (fp8) or the bf16 rows
+        if precision == "fp8":
+            return SavedSpec((cols * mp,), FP8_DTYPE), SavedSpec((mp // BLOCK, cols), torch.float32)
+        return SavedSpec((mp, cols), bf16)
+
+    def weight_t(n: int, k: int) -> SavedSpec | tuple[SavedSpec, ...]:  # dgrad operand of a weight (E, n, k)
+        if precision == "fp8":
+            return SavedSpec((e, k, n), FP8_DTYPE), SavedSpec((e, k // BLOCK, n // BLOCK), torch.float32)
+        return SavedSpec((e, n, k), bf16)
+
+    return {
+        "valid": SavedSpec((mp,), torch.bool),
+        "c": SavedSpec((num_tokens, top_k), combine_dtype),
+        "x_tiles": operand(d) if need_dw1 else None,
+        "a_tiles": operand(f) if need_dw2 else None,
+        "w1_t": weight_t(2 * f, d) if need_dx else None,
+        "w2_t": weight_t(d, f) if need_da else None,
+        "h": SavedSpec((mp, 2 * f), bf16) if need_da else None,
+        "out": SavedSpec((mp, d), bf16) if need_dc else None,
+    }
 
 
 class _FusedExperts(torch.autograd.Function):
@@ -281,4 +333,4 @@ def fused_experts(
     return _FusedExperts.apply(x, w_gate_up, w_down, combine, plan, precision, key, cache_weight)
 
 
-__all__ = ["PRECISIONS", "fused_experts"]
+__all__ = ["PRECISIONS", "SavedSpec", "fused_experts", "saved_spec"]
