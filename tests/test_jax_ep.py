@@ -150,3 +150,68 @@ print("ok")
 
 def test_bad_configurations_raise_value_errors_naming_them():
     assert run_on_four_cpu_devices(ERRORS_SCRIPT) == "ok"
+
+
+# --- GPU: the ragged all-to-all -----------------------------------------------------------------------------
+
+
+def _gpus() -> list:
+    try:
+        import jax
+
+        return jax.devices("gpu")
+    except Exception:  # noqa: BLE001 - no jax, or no GPU backend
+        return []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gpus(), reason="needs a GPU visible to JAX and torch")
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_gpu_ragged_all_to_all_matches_the_padded_one_and_the_unsharded_layer(precision):
+    """On the machine's GPUs (one is enough to compile and run it): "auto" picks ragged_all_to_all, which gives
+    the bits of the padded all_to_all (same program but the collective), and the unsharded layer's values
+    (its GEMMs run on other row counts there, so to GEMM rounding: SQNR)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import jax_bridge
+    from fp8moe.testing import sqnr_db
+    from jax_bridge import parallel
+
+    devices = _gpus()
+    n = len(devices)
+    mesh = jax.make_mesh((n,), ("ep",), devices=devices)
+    assert parallel.all_to_all_impl(mesh) == "ragged_all_to_all"
+    d, f, e, t, k = 256, 256, 4 * n, 128 * n, 2
+    keys = jax.random.split(jax.random.key(3), 3)
+    params = jax_bridge.init_moe_params(keys[0], d, f, e)
+    x = jax.random.normal(keys[1], (t, d), jnp.float32)
+    dy = jax.random.normal(keys[2], (t, d), jnp.float32)
+
+    def step(layer):
+        def loss(p, x):
+            y, aux = layer(p, x)
+            return jnp.vdot(y, dy) + 0.1 * aux, (y, aux)
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
+
+    results = {
+        impl: step(
+            lambda p, x, impl=impl: parallel.ep_moe_layer(
+                p, x, mesh=mesh, top_k=k, precision=precision, all_to_all=impl
+            )
+        )(jax.device_put(params, parallel.param_shardings(mesh)), jax.device_put(x, NamedSharding(mesh, P("ep"))))
+        for impl in parallel.ALL_TO_ALL_IMPLS
+    }
+    ragged = jax.tree_util.tree_leaves(results["ragged_all_to_all"])
+    padded = jax.tree_util.tree_leaves(results["all_to_all"])
+    for a, b in zip(ragged, padded):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    unsharded = step(lambda p, x: jax_bridge.moe_layer(p, x, top_k=k, precision=precision))(params, x)
+    for a, b in zip(ragged, jax.tree_util.tree_leaves(unsharded)):
+        a, b = torch.from_numpy(np.asarray(a, np.float32)), torch.from_numpy(np.asarray(b, np.float32))
+        assert a.shape == b.shape and (b.numel() == 1 or sqnr_db(b, a) > 40), (a.shape, sqnr_db(b, a))
