@@ -39,14 +39,17 @@ share of expert e in all ``ep * T * k`` assignments (the counts ``psum``-ed over
 mean router probability over all ``ep * T`` tokens (the probability sums ``psum``-ed). It is the same value
 on every device (equal to the unsharded aux loss to fp32 rounding) and differentiable.
 
-Buffers: the receive side is always (ep * T) rows and ``ep * T * k`` assignment rows for the local GEMMs
-(static shapes; rows past the filled ones are zero and cost the grouped GEMMs nothing but their size).
+Buffers (static shapes, sized for the worst case of one device receiving every token): the send and
+receive buffers are (ep, T) rows, and ``ep * T * k`` assignment rows enter the local expert block, of which
+only the received assignments are real (the grouped GEMMs stop at the last group's end; the element-wise
+passes of the op-by-op path, gathers and SwiGLU, run over the whole buffer). The ragged all-to-all moves only
+the filled rows; the padded fallback moves the whole buffer.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -146,6 +149,34 @@ def local_expert_block(
     return jnp.einsum("tk,tkd->td", combine.astype(out.dtype), per_slot, preferred_element_type=jnp.float32)
 
 
+class DispatchPlan(NamedTuple):
+    """Which tokens travel where, for T tokens with top_k experts each over ``ep`` devices of El experts.
+
+    Attributes:
+        here: (ep, T, k) bool, whether slot j of token t routes to an expert on device d.
+        sends: (ep, T) bool, whether token t travels to device d (once, whatever its number of experts there).
+        send_sizes: (ep,) int32 rows sent to each device (``sends.sum(1)``).
+        perm: (ep, T) the send buffer's rows: block d lists the tokens with ``sends[d]`` in token order, then
+            the others (a permutation of the tokens per device).
+    """
+
+    here: jax.Array
+    sends: jax.Array
+    send_sizes: jax.Array
+    perm: jax.Array
+
+
+def dispatch_plan(experts: jax.Array, ep_size: int, num_local: int) -> DispatchPlan:
+    """The dispatch of :func:`moe_layer_ep` for ``experts`` (T, k) global expert ids (device d owns experts
+    ``[d * num_local, (d+1) * num_local)``): each token travels **once per destination device**."""
+    dest = experts // num_local  # (T, k)
+    here = dest[None] == jnp.arange(ep_size, dtype=dest.dtype)[:, None, None]
+    sends = here.any(axis=-1)
+    send_sizes = sends.sum(axis=1).astype(jnp.int32)
+    perm = jnp.argsort(~sends, axis=1, stable=True).astype(jnp.int32)
+    return DispatchPlan(here, sends, send_sizes, perm)
+
+
 # --- the layer, per device -------------------------------------------------------------------------------
 
 
@@ -213,13 +244,8 @@ def moe_layer_ep(
     num_tokens = tokens.shape[0]
     routing = _route_global_aux(tokens, router, top_k, axis, n)
 
-    # Send buffer (n, T): block d = the tokens with an expert on device d, in token order, then empty rows.
-    dest = routing.experts // num_local  # (T, k)
-    here = dest[None] == jnp.arange(n, dtype=dest.dtype)[:, None, None]  # (n, T, k)
-    sends = here.any(axis=-1)  # (n, T)
-    send_sizes = sends.sum(axis=1).astype(jnp.int32)
-    perm = jnp.argsort(~sends, axis=1, stable=True)  # (n, T): block d's rows, a permutation of the tokens
-    filled = jnp.arange(num_tokens)[None] < send_sizes[:, None]  # (n, T)
+    here, sends, send_sizes, perm = dispatch_plan(routing.experts, n, num_local)  # once per destination device
+    filled = jnp.arange(num_tokens)[None] < send_sizes[:, None]  # (n, T) filled rows of the send buffer
     bf16_tokens = jnp.broadcast_to(tokens.astype(jnp.bfloat16)[None], (n, num_tokens, d_model))
     send_x = jnp.where(filled[..., None], jnp.take_along_axis(bf16_tokens, perm[..., None], axis=1), 0)
     ids = jnp.where(here, routing.experts[None] % num_local, num_local)
@@ -361,7 +387,9 @@ def param_shardings(mesh: Mesh, axis: str = "ep") -> dict[str, NamedSharding]:
 
 __all__ = [
     "ALL_TO_ALL_IMPLS",
+    "DispatchPlan",
     "all_to_all_impl",
+    "dispatch_plan",
     "ep_moe_layer",
     "local_expert_block",
     "moe_layer_ep",

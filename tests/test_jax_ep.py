@@ -215,3 +215,20 @@ def test_gpu_ragged_all_to_all_matches_the_padded_one_and_the_unsharded_layer(pr
     for a, b in zip(ragged, jax.tree_util.tree_leaves(unsharded)):
         a, b = torch.from_numpy(np.asarray(a, np.float32)), torch.from_numpy(np.asarray(b, np.float32))
         assert a.shape == b.shape and (b.numel() == 1 or sqnr_db(b, a) > 40), (a.shape, sqnr_db(b, a))
+
+
+def test_each_token_travels_once_per_destination_device():
+    import numpy as np
+
+    from jax_bridge import parallel
+
+    # 4 devices of 2 experts; token 0 -> device 2 (twice), token 1 -> devices 0 and 2, token 2 -> device 0
+    # (twice), token 3 -> devices 1 and 3: 6 rows for 8 assignments.
+    experts = np.array([[4, 5], [0, 5], [1, 0], [3, 7]], np.int32)
+    plan = parallel.dispatch_plan(experts, 4, 2)
+    np.testing.assert_array_equal(np.asarray(plan.send_sizes), [2, 1, 2, 1])
+    sends = np.asarray(plan.sends)
+    np.testing.assert_array_equal(sends, [[0, 1, 1, 0], [0, 0, 0, 1], [1, 1, 0, 0], [0, 0, 0, 1]])
+    perm = np.asarray(plan.perm)  # each device's tokens first, in token order
+    assert [perm[d, : sends[d].sum()].tolist() for d in range(4)] == [[1, 2], [3], [0, 1], [3]]
+    assert sorted(perm[0].tolist()) == [0, 1, 2, 3]
