@@ -6,7 +6,8 @@ experts ``[r * El, (r + 1) * El)``, ``El = E / ep`` (``w_gate_up``/``w_down`` sh
 
 Per device (:func:`moe_layer_ep`, the body of the ``shard_map``):
 
-1. route its T tokens over the global E experts exactly as :func:`jax_bridge.route` does (fp32 router, top-k);
+1. route its T tokens over the global E experts with the operations of :func:`jax_bridge.route` (fp32 router,
+   top-k; mirrored in ``_route_global_aux``, which also computes the global aux loss);
 2. **dispatch, each token once per destination device**: the send buffer is (ep, T) rows, block d holding, in
    token order, the tokens with at least one expert on device d, followed by empty rows; beside each row
    travel its k local expert ids (``El`` = "not here") and its k combine weights (0 where not here);
@@ -30,9 +31,10 @@ expert GEMMs give the same bits, forward and backward (fp8 and bf16 on torch). W
 grouping of the top_k sums (the combine in fp32, the token gradient over the slots in bf16): with
 ``top_k <= 2`` each such sum has at most two non-zero terms, a single correctly rounded addition in both, so
 y, dx and the expert weight gradients are **bit-identical**; with ``top_k > 2`` a sum split across devices is
-associated differently, so y and dx may differ in the last bit (1 bf16 ulp) where a token's experts span
-devices. The router weight's gradient is a sum over devices (fp32 rounding), and ``bf16_ragged_dot`` runs
-XLA's GEMM on different shapes (bf16 rounding).
+associated differently, so y and dx may differ in the last bit where a token's experts span devices (tested
+with top_k = 3: within 2^-7 of the largest value). The router weight's gradient is a sum over devices (fp32
+rounding). ``bf16_ragged_dot`` runs XLA's GEMM on other row counts (the same bits on CPU in a check, not a
+test). On a GPU the backends' kernels may pick other tiles for other row counts: GEMM rounding.
 
 The aux loss is the unsharded layer's, from global quantities: ``E * sum_e f_e * P_e`` with ``f_e`` the
 share of expert e in all ``ep * T * k`` assignments (the counts ``psum``-ed over the axis) and ``P_e`` the
@@ -49,6 +51,7 @@ the filled rows; the padded fallback moves the whole buffer.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -205,6 +208,7 @@ def moe_layer_ep(
     precision: str = "fp8",
     backend: str = "auto",
     all_to_all: str = "auto",
+    expert_block: Callable[..., jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """The per-device body of :func:`ep_moe_layer`, to call inside your own ``jax.shard_map`` over a mesh
     with the axis ``axis`` (e.g. combined with data-parallel axes).
@@ -215,6 +219,8 @@ def moe_layer_ep(
         x: (..., D) this device's tokens.
         all_to_all: "ragged_all_to_all", "all_to_all" or "auto" (inside a trace there is no mesh to probe:
             "ragged_all_to_all" on a GPU platform, else "all_to_all"; :func:`ep_moe_layer` probes instead).
+        expert_block: the local experts, :func:`local_expert_block` by default; any function with its
+            signature and result (e.g. the fused ``custom_vjp`` expert block) drops in here.
 
     Returns:
         (y like x, aux_loss () fp32 over all devices' tokens, the same on every device).
@@ -262,15 +268,20 @@ def moe_layer_ep(
     recv_c = _exchange(send_c, axis, impl, sizes, 0)
 
     rows = n * num_tokens
-    partial = local_expert_block(  # the seam: the fused expert block drops in here
-        recv_x.reshape(rows, d_model),
-        params["w_gate_up"],
-        params["w_down"],
-        recv_ids.reshape(rows, top_k),
-        recv_c.reshape(rows, top_k),
-        precision=precision,
-        backend=backend,
-    ).reshape(n, num_tokens, d_model)
+    block = local_expert_block if expert_block is None else expert_block  # the seam for the fused block
+    partial = (
+        block(
+            recv_x.reshape(rows, d_model),
+            params["w_gate_up"],
+            params["w_down"],
+            recv_ids.reshape(rows, top_k),
+            recv_c.reshape(rows, top_k),
+            precision=precision,
+            backend=backend,
+        )
+        .astype(jnp.float32)
+        .reshape(n, num_tokens, d_model)
+    )
 
     back = _exchange(partial, axis, impl, None if sizes is None else sizes[::-1], 0)  # block d: from device d
     inverse = jnp.argsort(perm, axis=1)  # token t's row in block d
@@ -320,6 +331,7 @@ def ep_moe_layer(
     precision: str = "fp8",
     backend: str = "auto",
     all_to_all: str = "auto",
+    expert_block: Callable[..., jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """:func:`jax_bridge.moe_layer` with its experts spread over the mesh axis ``axis`` (expert parallelism).
 
@@ -332,6 +344,7 @@ def ep_moe_layer(
         mesh: a mesh with the axis ``axis``.
         all_to_all: "auto" (:func:`all_to_all_impl`: ragged where it compiles), "ragged_all_to_all" or
             "all_to_all" (padded to the worst case, nothing dropped).
+        expert_block: the local experts (:func:`moe_layer_ep`); :func:`local_expert_block` by default.
 
     Returns:
         (y like x, sharded like x; aux_loss () fp32, the unsharded layer's over all tokens). Differentiable
@@ -349,7 +362,7 @@ def ep_moe_layer(
             f"got shape {tuple(x.shape)}"
         )
     impl = all_to_all_impl(mesh, axis) if all_to_all == "auto" else _resolve_impl(all_to_all, x)
-    fn = _sharded_layer(mesh, axis, top_k, precision, backend, impl)
+    fn = _sharded_layer(mesh, axis, top_k, precision, backend, impl, expert_block)
     params = _place({key: params[key] for key in param_specs(axis)}, param_shardings(mesh, axis), mesh, axis)
     return fn(params, _place(x, NamedSharding(mesh, P(axis)), mesh, axis))
 
@@ -365,11 +378,19 @@ def _place(tree: Any, shardings: Any, mesh: Mesh, axis: str) -> Any:
 
 
 @functools.lru_cache(maxsize=64)
-def _sharded_layer(mesh: Mesh, axis: str, top_k: int, precision: str, backend: str, impl: str):
+def _sharded_layer(
+    mesh: Mesh, axis: str, top_k: int, precision: str, backend: str, impl: str, expert_block: Callable | None
+):
     """The jitted ``shard_map`` of :func:`moe_layer_ep` (compiled once per configuration for eager calls;
     inlined inside an outer jit)."""
     body = functools.partial(
-        moe_layer_ep, top_k=top_k, axis=axis, precision=precision, backend=backend, all_to_all=impl
+        moe_layer_ep,
+        top_k=top_k,
+        axis=axis,
+        precision=precision,
+        backend=backend,
+        all_to_all=impl,
+        expert_block=expert_block,
     )
     specs = param_specs(axis)
     return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(specs, P(axis)), out_specs=(P(axis), P())))

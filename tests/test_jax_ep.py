@@ -144,11 +144,22 @@ xs = jax.device_put(x, NamedSharding(mesh, P("ep")))
 raises(lambda: replicated(eight, xs), "params['w_gate_up']: expected this device's 2 = 8/4 experts on axis 0")
 y, aux = parallel.ep_moe_layer(eight, x, mesh=mesh, top_k=2, precision="bf16")  # eager, unsharded inputs
 assert y.shape == x.shape and y.sharding.spec[0] == "ep" and aux.shape == ()
+# The seam: another expert block with local_expert_block's signature runs in its place.
+calls = []
+
+
+def block(*args, **kwargs):
+    calls.append(args[0].shape)  # the (ep * T, D) receive buffer
+    return parallel.local_expert_block(*args, **kwargs)
+
+
+y2, _ = parallel.ep_moe_layer(eight, x, mesh=mesh, top_k=2, precision="bf16", expert_block=block)
+assert calls == [(8, 256)] and bool((y2 == y).all())
 print("ok")
 """
 
 
-def test_bad_configurations_raise_value_errors_naming_them():
+def test_bad_configurations_raise_value_errors_naming_them_and_the_expert_block_seam():
     assert run_on_four_cpu_devices(ERRORS_SCRIPT) == "ok"
 
 
