@@ -34,7 +34,10 @@ y, dx and the expert weight gradients are **bit-identical**; with ``top_k > 2`` 
 associated differently, so y and dx may differ in the last bit where a token's experts span devices (tested
 with top_k = 3: within 2^-7 of the largest value). The router weight's gradient is a sum over devices (fp32
 rounding). ``bf16_ragged_dot`` runs XLA's GEMM on other row counts (the same bits on CPU in a check, not a
-test). On a GPU the backends' kernels may pick other tiles for other row counts: GEMM rounding.
+test). On a GPU, separately compiled programs are not bit-comparable: XLA autotunes each program's GEMMs
+(the fp32 router's too), and a last-bit change of a combine weight moves bf16 and FP8 roundings downstream;
+seen on an H200 (one GPU, jax 0.11.2): the EP layer (ragged or padded) against the unsharded layer at 46-56
+dB in bf16 and ~29 dB in fp8, or the same bits, from one process to the next.
 
 The aux loss is the unsharded layer's, from global quantities: ``E * sum_e f_e * P_e`` with ``f_e`` the
 share of expert e in all ``ep * T * k`` assignments (the counts ``psum``-ed over the axis) and ``P_e`` the

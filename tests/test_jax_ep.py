@@ -179,9 +179,12 @@ def _gpus() -> list:
 @pytest.mark.skipif(not _gpus(), reason="needs a GPU visible to JAX and torch")
 @pytest.mark.parametrize("precision", ["bf16", "fp8"])
 def test_gpu_ragged_all_to_all_matches_the_padded_one_and_the_unsharded_layer(precision):
-    """On the machine's GPUs (one is enough to compile and run it): "auto" picks ragged_all_to_all, which gives
-    the bits of the padded all_to_all (same program but the collective), and the unsharded layer's values
-    (its GEMMs run on other row counts there, so to GEMM rounding: SQNR)."""
+    """On the machine's GPUs (one is enough to compile and run it): "auto" picks ragged_all_to_all, and it agrees
+    with the padded all_to_all and with the unsharded layer to rounding. Not bit for bit, as on the CPU: XLA
+    autotunes each program's GEMMs (the fp32 router's among them) on a GPU, so separately compiled programs
+    may differ in the last bits of the combine weights, which moves bf16 roundings and, in fp8, FP8 roundings
+    downstream (seen on an H200, one GPU, jax 0.11.2: 46-56 dB in bf16, 29-30 dB in fp8, or the same bits,
+    from one process to the next; each program is deterministic)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -218,14 +221,17 @@ def test_gpu_ragged_all_to_all_matches_the_padded_one_and_the_unsharded_layer(pr
         )(jax.device_put(params, parallel.param_shardings(mesh)), jax.device_put(x, NamedSharding(mesh, P("ep"))))
         for impl in parallel.ALL_TO_ALL_IMPLS
     }
-    ragged = jax.tree_util.tree_leaves(results["ragged_all_to_all"])
-    padded = jax.tree_util.tree_leaves(results["all_to_all"])
-    for a, b in zip(ragged, padded):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     unsharded = step(lambda p, x: jax_bridge.moe_layer(p, x, top_k=k, precision=precision))(params, x)
-    for a, b in zip(ragged, jax.tree_util.tree_leaves(unsharded)):
-        a, b = torch.from_numpy(np.asarray(a, np.float32)), torch.from_numpy(np.asarray(b, np.float32))
-        assert a.shape == b.shape and (b.numel() == 1 or sqnr_db(b, a) > 40), (a.shape, sqnr_db(b, a))
+    floor = {"bf16": 40.0, "fp8": 25.0}[precision]
+    ragged = jax.tree_util.tree_leaves(results["ragged_all_to_all"])
+    for other in (jax.tree_util.tree_leaves(results["all_to_all"]), jax.tree_util.tree_leaves(unsharded)):
+        for a, b in zip(ragged, other):
+            a, b = torch.from_numpy(np.array(a, np.float32)), torch.from_numpy(np.array(b, np.float32))
+            assert a.shape == b.shape
+            if b.numel() == 1:  # the aux loss
+                np.testing.assert_allclose(a.item(), b.item(), rtol=1e-5)
+            else:
+                assert sqnr_db(b, a) > floor, (tuple(a.shape), sqnr_db(b, a))
 
 
 def test_each_token_travels_once_per_destination_device():
