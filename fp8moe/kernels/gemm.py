@@ -23,6 +23,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from fp8moe.kernels.launch import direct
 from fp8moe.plan import GroupLayout
 from fp8moe.recipe import BLOCK, FP8_DTYPE
 from fp8moe.validation import check_out
@@ -242,12 +243,12 @@ def m_grouped_gemm(
     def grid(meta: dict) -> tuple[int]:
         return ((mp // meta["BLOCK_M"]) * (n // meta["BLOCK_N"]),)
 
-    _m_grouped_kernel[grid](
+    direct(_m_grouped_kernel)[grid](
         a_desc, sa, b_desc, sb, y, y.stride(0), layout.padded_to_row, layout.row_expert, mp, n, k, PADDED=padded
     )
     if padded:
         return y
-    _zero_unrouted_rows_kernel[(triton.cdiv(layout.num_rows, 64),)](
+    direct(_zero_unrouted_rows_kernel)[(triton.cdiv(layout.num_rows, 64),)](
         y, y.stride(0), layout.offsets, layout.num_groups, layout.num_rows, n, BLOCK_M=64, BLOCK_N=BLOCK, num_warps=4
     )
     return y
@@ -299,5 +300,7 @@ def k_grouped_gemm(
     def grid(meta: dict) -> tuple[int]:
         return (layout.num_groups * (n // meta["BLOCK_M"]) * (k // meta["BLOCK_N"]),)
 
-    _k_grouped_kernel[grid](a, sa, b, sb, d, layout.padded_starts, layout.padded_sizes, n, k, ACCUMULATE=accumulate)
+    direct(_k_grouped_kernel)[grid](
+        a, sa, b, sb, d, layout.padded_starts, layout.padded_sizes, n, k, ACCUMULATE=accumulate
+    )
     return d
