@@ -194,8 +194,10 @@ class Backend:
         dy is read once into both operands (dyq/sdy 67.8, dyt/sdyt 67.8); the wgrad runs first (dw 224
         and the DeepGEMM provider's fp32 scratch of half the experts 224, beside the saved x tiles 237 and
         transposed weight 112), then dyt and the x tiles are freed, then the dgrad (dx 448, with the DeepGEMM
-        provider's scratch of a third of the padded rows 154) runs beside dw. Dgrad first would keep dx, dw
-        and the x tiles alive together (1218 MiB with y, before any scratch).
+        provider's scratch of a third of the padded rows 154) runs beside dw: peak 1134 MiB with the caller's
+        y (was 1522: the padded dx beside dx, dy's operands and the x tiles). Dgrad first would keep dx, dw
+        and the x tiles alive together (1218 MiB with y, before any scratch). experiments/memory_account.py
+        lists every moment.
         """
         if need_dw and (xt is None or sxt is None):
             raise ValueError("xt: the weight gradient needs x's token tiles from the forward")

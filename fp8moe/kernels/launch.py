@@ -135,6 +135,8 @@ class DirectLauncher:
         self.constexprs = frozenset(p.name for p in fn.params if p.is_constexpr)
         self.positional_constexpr = tuple(p.is_constexpr for p in fn.params)
         self.defaults = {name: p.default for name, p in fn.signature.parameters.items()}
+        if self.tuner is not None:  # where the autotune key's arguments are: position, name
+            self.tune_args = tuple((self.names.index(k), k) for k in self.tuner.keys if k in self.names)
 
     def __getitem__(self, grid) -> Callable[..., Any]:
         return lambda *args, **kwargs: self.launch(grid, args, kwargs)
@@ -176,8 +178,9 @@ class DirectLauncher:
             if name in self.params and name not in self.constexprs:
                 value = _tensor_key(value) if type(value) is torch.Tensor else _specialize(backend, value)
             parts.append((name, value))
-        if self.tuner is not None:  # the autotune key depends on values, not on their specialization
-            parts.append(self._tune_key(args, kwargs))
+        if self.tuner is not None:  # the autotune key's values (its dtype part is in the parts above)
+            n = len(args)
+            parts.append(tuple(args[i] if i < n else kwargs.get(name, _MISSING) for i, name in self.tune_args))
         return tuple(parts)
 
     def _valid(self, entry: _Entry) -> bool:
@@ -238,7 +241,7 @@ class DirectLauncher:
         config, configs, tune_key, extra = None, None, None, {}
         tuner = self.tuner
         if tuner is not None:
-            config, configs, tune_key = tuner.best_config, tuner.configs, key[-1]
+            config, configs, tune_key = tuner.best_config, tuner.configs, self._tune_key(args, kwargs)
             chosen = tuner.cache.get(tune_key) if len(configs) > 1 else configs[0]
             if chosen is not config:
                 raise _Unsupported("the autotuner's cache key is not computed as here")
@@ -312,10 +315,16 @@ def _native():
     return _native_impl
 
 
-def _knobs():
-    from triton import knobs
+_knobs_module = None
 
-    return knobs
+
+def _knobs():
+    global _knobs_module
+    if _knobs_module is None:
+        from triton import knobs
+
+        _knobs_module = knobs
+    return _knobs_module
 
 
 def _debug(jit) -> bool:
