@@ -41,6 +41,7 @@ Assumed, as Triton itself assumes after a compile: Triton's compilation knobs ot
 
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 from collections.abc import Callable
@@ -97,7 +98,17 @@ class _Keyword:
 class _Entry:
     """What a later launch of one specialization needs."""
 
-    __slots__ = ("compiled", "tail", "by_keyword", "config", "configs", "tune_key", "pre_hook", "debug")
+    __slots__ = (
+        "compiled",
+        "tail",
+        "by_keyword",
+        "config",
+        "configs",
+        "config_kwargs",
+        "tune_key",
+        "pre_hook",
+        "debug",
+    )
 
     def __init__(self, compiled, tail, config, configs, tune_key, debug) -> None:
         self.compiled = compiled
@@ -105,6 +116,7 @@ class _Entry:
         self.by_keyword = any(isinstance(v, _Keyword) for v in self.tail)
         self.config = config
         self.configs = configs
+        self.config_kwargs = config.all_kwargs() if config is not None else {}
         self.tune_key = tune_key
         self.pre_hook = getattr(config, "pre_hook", None)
         self.debug = debug
@@ -133,6 +145,7 @@ class DirectLauncher:
         self.names = tuple(fn.arg_names)
         self.params = {p.name: p for p in fn.params}
         self.constexprs = frozenset(p.name for p in fn.params if p.is_constexpr)
+        self.runtime_params = frozenset(p.name for p in fn.params if not p.is_constexpr)
         self.positional_constexpr = tuple(p.is_constexpr for p in fn.params)
         self.defaults = {name: p.default for name, p in fn.signature.parameters.items()}
         if self.tuner is not None:  # where the autotune key's arguments are: position, name
@@ -164,36 +177,44 @@ class DirectLauncher:
 
     def key(self, device: int, args: tuple, kwargs: dict) -> tuple:
         """The cache key of a call (see the module docstring); public for the tests."""
-        backend = self._backend(device)
+        backend = self._backends.get(device) or self._backend(device)
+        specialize = _native_impl or _native()
+        tensor = torch.Tensor
         parts: list[Any] = [device, len(args)]
-        constexpr = self.positional_constexpr
-        for i, arg in enumerate(args):
-            if constexpr[i]:
-                parts.append(arg)
-            elif type(arg) is torch.Tensor:
-                parts.append(_tensor_key(arg))
+        append = parts.append
+        for arg, constexpr in zip(args, self.positional_constexpr):
+            if constexpr:
+                append(arg)
+            elif type(arg) is tensor:
+                append((arg.dtype, arg.data_ptr() & 15 == 0))
             else:
-                parts.append(_specialize(backend, arg))
-        for name, value in kwargs.items():
-            if name in self.params and name not in self.constexprs:
-                value = _tensor_key(value) if type(value) is torch.Tensor else _specialize(backend, value)
-            parts.append((name, value))
+                append(specialize(backend, arg, False, True, True))
+        if kwargs:
+            runtime_params = self.runtime_params
+            for name, value in kwargs.items():
+                if name in runtime_params:
+                    if type(value) is tensor:
+                        value = (value.dtype, value.data_ptr() & 15 == 0)
+                    else:
+                        value = specialize(backend, value, False, True, True)
+                append((name, value))
         if self.tuner is not None:  # the autotune key's values (its dtype part is in the parts above)
             n = len(args)
-            parts.append(tuple(args[i] if i < n else kwargs.get(name, _MISSING) for i, name in self.tune_args))
+            append(tuple(args[i] if i < n else kwargs.get(name, _MISSING) for i, name in self.tune_args))
         return tuple(parts)
 
     def _valid(self, entry: _Entry) -> bool:
         jit, tuner = self.jit, self.tuner
-        if jit.pre_run_hooks or _debug(jit) != entry.debug or not _hooks_idle():
+        runtime = _knobs().runtime
+        if jit.pre_run_hooks or entry.debug != bool(jit.debug or runtime.debug):
             return False
+        if getattr(runtime.launch_enter_hook, "calls", True) or getattr(runtime.launch_exit_hook, "calls", True):
+            return False  # a launch hook (a profiler) sees Triton's own launches
         if tuner is not None:
-            if tuner.configs is not entry.configs:
+            configs = tuner.configs
+            if configs is not entry.configs:
                 return False
-            if len(tuner.configs) > 1:
-                if tuner.cache.get(entry.tune_key) is not entry.config:
-                    return False
-            elif tuner.configs[0] is not entry.config:
+            if (tuner.cache.get(entry.tune_key) if len(configs) > 1 else configs[0]) is not entry.config:
                 return False
         missing = _MISSING
         for (name, _), (value, globals_dict) in jit.used_global_vals.items():
@@ -207,23 +228,22 @@ class DirectLauncher:
         else:
             bound = args + entry.tail
         if entry.pre_hook is not None:
-            entry.pre_hook({**dict(zip(self.names, args)), **kwargs, **entry.config.all_kwargs()})
+            entry.pre_hook({**dict(zip(self.names, args)), **kwargs, **entry.config_kwargs})
         if callable(grid):
             grid = grid(dict(zip(self.names, bound)))
         size = len(grid)
         compiled = entry.compiled
-        stream = _current_stream(device)
-        knobs = _knobs()
+        runtime = _knobs_module.runtime
         compiled.run(
             grid[0],
             grid[1] if size > 1 else 1,
             grid[2] if size > 2 else 1,
-            stream,
+            _current_stream(device),
             compiled.function,
             compiled.packed_metadata,
             None,  # launch metadata: only launch hooks read it, and with a hook installed Triton launches
-            knobs.runtime.launch_enter_hook,
-            knobs.runtime.launch_exit_hook,
+            runtime.launch_enter_hook,
+            runtime.launch_exit_hook,
             *bound,
         )
         return compiled
@@ -257,7 +277,9 @@ class DirectLauncher:
                 tail.append(self.defaults[name])
             else:
                 raise _Unsupported(f"no value for argument {name}")
-        self.entries[key] = _Entry(compiled, tail, config, configs, tune_key, _debug(self.jit))
+        self.entries[key] = _Entry(
+            compiled, tail, config, configs, tune_key, bool(self.jit.debug or _knobs().runtime.debug)
+        )
 
     def _tune_key(self, args: tuple, kwargs: dict) -> tuple:
         """The autotuner's cache key of a call, computed as ``Autotuner.run`` computes it."""
@@ -295,12 +317,7 @@ class _Unsupported(Exception):
 
 
 _MISSING = object()
-_EMPTY = __import__("inspect").Parameter.empty
-
-
-def _specialize(backend: Any, value: Any) -> Any:
-    """Triton's specialization of a non-tensor argument, as fine as Triton ever makes it."""
-    return _native()(backend, value, False, True, True)
+_EMPTY = inspect.Parameter.empty
 
 
 _native_impl = None
@@ -325,20 +342,6 @@ def _knobs():
 
         _knobs_module = knobs
     return _knobs_module
-
-
-def _debug(jit) -> bool:
-    return bool(jit.debug) or bool(_knobs().runtime.debug)
-
-
-def _hooks_idle() -> bool:
-    runtime = _knobs().runtime
-    hooks = (runtime.launch_enter_hook, runtime.launch_exit_hook)
-    return all(h is None or getattr(h, "calls", None) == [] for h in hooks)
-
-
-def _tensor_key(t: torch.Tensor) -> tuple:
-    return (t.dtype, t.data_ptr() & 15 == 0)
 
 
 def _current_device() -> int:
