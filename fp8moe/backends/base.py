@@ -219,7 +219,9 @@ class Backend:
             del dyt, sdyt  # the wgrad operands are freed before the dgrad's buffers exist
             if release_tiles and need_dx:
                 for t in (xt, sxt):
-                    t.untyped_storage().resize_(0)
+                    storage = t.untyped_storage()
+                    if t._base is None and storage.nbytes() == t.numel() * t.element_size():  # its own buffer
+                        storage.resize_(0)
         if need_dx:
             dyq, sdy = operands
             del operands
