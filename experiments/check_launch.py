@@ -35,15 +35,13 @@ from pathlib import Path
 
 import torch
 
-import fp8moe
-from fp8moe.kernels import launch
-from fp8moe.testing import routing_offsets, time_call
-
-try:
-    from experiments import memory_account
-except ImportError:  # run as a script from the repo root
+if __package__ in (None, ""):  # run as a script (python experiments/check_launch.py): the repo root first
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from experiments import memory_account
+
+import fp8moe  # noqa: E402
+from experiments import memory_account  # noqa: E402
+from fp8moe.kernels import launch  # noqa: E402
+from fp8moe.testing import routing_offsets, time_call  # noqa: E402
 
 FAILURES: list[str] = []
 
