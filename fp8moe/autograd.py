@@ -58,6 +58,9 @@ class _GroupedMM(torch.autograd.Function):
             y, xt, sxt = impl.forward(x, wq, sw, plan, out_dtype, token_tiles=need_dw)
             plan_data = plan.data
             ctx.plan = plan  # keeps what the plan caches (its host copy of the group sizes)
+        # x's token tiles are this op's own tensors; saved without saved-tensor hooks (which may keep or
+        # move them), the backward may free them once the wgrad has read them (see _backward)
+        ctx.own_tiles = need_dw and not torch.compiler.is_compiling() and _no_saved_tensor_hooks()
         ctx.save_for_backward(xt, sxt, wq_t, sw_t, offsets, plan_data)
         ctx.main_grad = main_grad
         ctx.backend = backend
@@ -87,10 +90,35 @@ class _GroupedMM(torch.autograd.Function):
                 dy, xt, sxt, wq_t, sw_t, offsets, plan_data, main_grad, ctx.backend, need_dx, need_dw, *ctx.dtypes
             )
         else:
+            # Free x's tiles between the wgrad and the dgrad unless the graph is retained (a second backward
+            # reads them again): the peak of the backward is then dx and dw without the tiles.
+            release = ctx.own_tiles and not _graph_retained()
             dx, dw = load_backend(ctx.backend).backward(
-                dy, xt, sxt, wq_t, sw_t, ctx.plan, need_dx, need_dw, *ctx.dtypes, main_grad=main_grad
+                dy,
+                xt,
+                sxt,
+                wq_t,
+                sw_t,
+                ctx.plan,
+                need_dx,
+                need_dw,
+                *ctx.dtypes,
+                main_grad=main_grad,
+                release_tiles=release,
             )
         return (dx if need_dx else None), (dw if need_dw and ctx.main_grad is None else None), *(None,) * 6
+
+
+def _no_saved_tensor_hooks() -> bool:
+    """Whether no ``torch.autograd.graph.saved_tensors_hooks`` are active (checkpointing, offloading)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is not None and top(True) is None
+
+
+def _graph_retained() -> bool:
+    """Whether the running backward keeps the graph (``retain_graph=True``); True when torch cannot say."""
+    keep = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if keep is None else bool(keep())
 
 
 def grouped_mm(

@@ -146,6 +146,30 @@ def interpreter_checks() -> None:
             dy, xt, sxt, wq_t, sw_t, plan, False, True, torch.float32, torch.float32, main_grad=main_grad
         )
         assert added is main_grad and sqnr_db(before + dw, main_grad) >= 40
+        # the dgrad of the backward (low_memory): DeepGEMM in runs of rows through one scratch, each run
+        # written to its rows by the Triton unpadding kernel; the same bits as one run and the gather
+        dyq, sdy = backend.quantizer.tokens(dy, plan, True, False)
+        if key.startswith("deepgemm"):
+            from fp8moe.backends import deepgemm
+
+            deepgemm._LOW_MEMORY_MIN_BYTES = 0  # 640 padded rows: runs of 256, 256, 128
+        for dtype in (torch.bfloat16, torch.float32):
+            whole = backend.m_grouped(dyq, sdy, wq_t, sw_t, plan, dtype, None)
+            runs = backend.m_grouped(dyq, sdy, wq_t, sw_t, plan, dtype, None, low_memory=True)
+            assert torch.equal(runs, whole), key
+            into = torch.full_like(whole, math.nan)
+            assert backend.m_grouped(dyq, sdy, wq_t, sw_t, plan, dtype, into, low_memory=True) is into
+            assert torch.equal(into, whole) and not into[190:].any()
+        # the backward frees x's tiles between the wgrad and the dgrad when told to, with the same results
+        tiles = (xt.clone(), sxt.clone())
+        got = backend.backward(
+            dy, *tiles, wq_t, sw_t, plan, True, True, torch.float32, torch.float32, release_tiles=True
+        )
+        assert all(t.untyped_storage().nbytes() == 0 for t in tiles)
+        ref = backend.backward(dy, xt, sxt, wq_t, sw_t, plan, True, True, torch.float32, torch.float32)
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+        if key.startswith("deepgemm"):
+            deepgemm._LOW_MEMORY_MIN_BYTES = 64 << 20
 
 
 def test_backends_under_the_triton_interpreter():

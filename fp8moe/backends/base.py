@@ -59,6 +59,7 @@ class MGroupedGemm(Protocol):
         out_dtype: torch.dtype,
         out: Tensor | None,
         padded: bool = False,
+        low_memory: bool = False,
     ) -> Tensor:
         """a rows (Mp, K) @ b[g] (N, K)^T per group -> (M, N) ``out_dtype`` in unpadded order (into ``out``
         when given); rows at or past ``offsets[-1]`` are zero.
@@ -67,7 +68,10 @@ class MGroupedGemm(Protocol):
         ``out`` of that shape when given), with no unpadding pass: the rows of the plan's groups hold the
         products, every other row (padding between groups, the tail past the last group) is unspecified
         (zero on the reference backend, garbage elsewhere) and must not be read. This is how the fused MoE
-        block keeps its activations padded between its GEMMs."""
+        block keeps its activations padded between its GEMMs.
+
+        ``low_memory=True`` (the backward's dgrad): keep temporaries small, at the cost of more launches if
+        need be (the DeepGEMM provider makes its padded result in runs of rows); the same values."""
 
 
 # wgrad(a, sa, b, sb, out_dtype, out, accumulate) -> (E, N, K): a, b token tiles of dy and x
@@ -176,12 +180,24 @@ class Backend:
         dx_out: Tensor | None = None,
         dw_out: Tensor | None = None,
         main_grad: Tensor | None = None,
+        release_tiles: bool = False,
     ) -> tuple[Tensor | None, Tensor | None]:
         """dy (M, N) -> (dx (M, K) ``dx_dtype`` or None, dw (E, N, K) or None).
 
         ``xt``/``sxt``: x's token tiles from :meth:`forward` (needed for dw). dw is written in ``dw_dtype``
         (into ``dw_out`` when given) or, with ``main_grad`` (an fp32 (E, N, K) buffer), added into it and
-        ``main_grad`` returned.
+        ``main_grad`` returned. ``release_tiles``: the caller owns ``xt``/``sxt`` and will not read them
+        again (autograd's saved tensors of a graph that is not retained): their memory is freed (storage
+        resized to 0) as soon as the wgrad has read them, before the dgrad's buffers exist.
+
+        Order, for the peak memory (the seed shape's account, E=8, M=32768, N=2048, K=7168, bf16, MiB):
+        dy is read once into both operands (dyq/sdy 67.8, dyt/sdyt 67.8); the wgrad runs first (dw 224
+        and the DeepGEMM provider's fp32 scratch of half the experts 224, beside the saved x tiles 237 and
+        transposed weight 112), then dyt and the x tiles are freed, then the dgrad (dx 448, with the DeepGEMM
+        provider's scratch of a third of the padded rows 154) runs beside dw: peak 1134 MiB with the caller's
+        y (was 1522: the padded dx beside dx, dy's operands and the x tiles). Dgrad first would keep dx, dw
+        and the x tiles alive together (1218 MiB with y, before any scratch). experiments/memory_account.py
+        lists every moment.
         """
         if need_dw and (xt is None or sxt is None):
             raise ValueError("xt: the weight gradient needs x's token tiles from the forward")
@@ -193,15 +209,21 @@ class Backend:
         wgrad = self.k_grouped.prepare(plan) if need_dw else None
         operands = list(self.quantizer.tokens(dy, plan, need_dx, need_dw)) if need_dx or need_dw else []
         dx = dw = None
-        if need_dx:
-            dyq, sdy = operands.pop(0), operands.pop(0)
-            dx = self.m_grouped(dyq, sdy, wq_t, sw_t, plan, dx_dtype, dx_out)
-            del dyq, sdy  # free the dgrad operand before the wgrad's buffers exist
         if need_dw:
-            dyt, sdyt = operands
-            del operands
+            dyt, sdyt = operands[-2:]
+            del operands[-2:]
             if main_grad is not None:
                 dw = wgrad(dyt, sdyt, xt, sxt, torch.float32, main_grad, True)
             else:
                 dw = wgrad(dyt, sdyt, xt, sxt, dw_dtype, dw_out, False)
+            del dyt, sdyt  # the wgrad operands are freed before the dgrad's buffers exist
+            if release_tiles and need_dx:
+                for t in (xt, sxt):
+                    storage = t.untyped_storage()
+                    if t._base is None and storage.nbytes() == t.numel() * t.element_size():  # its own buffer
+                        storage.resize_(0)
+        if need_dx:
+            dyq, sdy = operands
+            del operands
+            dx = self.m_grouped(dyq, sdy, wq_t, sw_t, plan, dx_dtype, dx_out, low_memory=True)
         return dx, dw

@@ -4,7 +4,12 @@
   plan's ``row_expert``, -1 on padding rows), fp32 scales, output bf16 in the padded layout, unpadded by one
   gather (rows past ``offsets[-1]`` read an extra zero row), or returned padded (``padded=True``). dgrad
   runs the same NT kernel on the transposed weight operand (SM90 rejects FP8 operands that are not K-major,
-  so the NN variant cannot).
+  so the NN variant cannot). With ``low_memory`` (the backward's dgrad, where the padded (Mp, K) result
+  beside the compact dx was the peak of fwd+bwd) the padded result is produced in ``_LOW_MEMORY_RUNS`` runs
+  of rows through one scratch of a run's size, each run written to its unpadded rows by a Triton kernel
+  before the next: the contiguous kernel takes any run of whole 128-row blocks with its slice of
+  ``row_expert`` (its scheduler reads each block's expert from the layout it is given; DeepGEMM copies the
+  run's strided slice of the scale operand into its TMA-aligned layout, a few KB).
 - K-grouped (wgrad): ``k_grouped_fp8_gemm_nt_contiguous`` on the flat per-group token tiles, accumulating
   in place into an fp32 (E, N, K) buffer (``c`` is ``d``): a zeroed one, or the caller's fp32
   gradient-accumulation buffer with no zeroing. It needs the padded group sizes as a host list: the one
@@ -24,6 +29,7 @@ import torch
 from torch import Tensor
 
 from fp8moe.backends.base import WgradGemm, cuda_capability_reason, into
+from fp8moe.kernels.gemm import unpad_rows, zero_unrouted_rows
 from fp8moe.plan import GroupLayout
 from fp8moe.validation import check_out
 
@@ -53,11 +59,17 @@ def deepgemm_m_grouped(
     out_dtype: torch.dtype,
     out: Tensor | None,
     padded: bool = False,
+    low_memory: bool = False,
 ) -> Tensor:
     """a (Mp, K) e4m3 with sa (K/128, Mp), b (E, N, K) e4m3 with sb (E, N/128, K/128) -> (M, N) out_dtype
     (into ``out`` when given). DeepGEMM writes bf16; other dtypes take one conversion after the gather.
-    ``padded=True``: DeepGEMM's own padded (Mp, N) result, no gather (rows of all-padding blocks unwritten)."""
+    ``padded=True``: DeepGEMM's own padded (Mp, N) result, no gather (rows of all-padding blocks unwritten).
+    ``low_memory=True``: a padded result larger than ``_LOW_MEMORY_MIN_BYTES`` is made in runs of rows
+    through one scratch (module docstring); the same values."""
     n = b.shape[1]
+    runs = _LOW_MEMORY_RUNS if low_memory and not padded else 1
+    if runs > 1 and plan.num_padded_rows * n * 2 > _LOW_MEMORY_MIN_BYTES:
+        return _m_grouped_in_runs(a, sa, b, sb, plan, out_dtype, out, runs)
     if padded:
         shape = (plan.num_padded_rows, n)
         if out is not None and out_dtype == torch.bfloat16:
@@ -87,7 +99,56 @@ def deepgemm_m_grouped(
     return padded.index_select(0, plan.row_to_padded)
 
 
-_WGRAD_CHUNKS = 4  # a bf16 dw's fp32 accumulator is computed in this many runs of experts
+# The dgrad's padded bf16 result (Mp, K) is made in this many runs of rows when it is larger than
+# _LOW_MEMORY_MIN_BYTES: at the seed shape (E=8, M=32768, N=2048, K=7168) one run's scratch is 154 MB instead
+# of the whole 482 MB beside dx (see Backend.backward for the whole account); each run is one more DeepGEMM
+# launch (~70 us of CPU), so smaller results keep one.
+_LOW_MEMORY_RUNS = 3
+_LOW_MEMORY_MIN_BYTES = 64 << 20
+
+
+def _m_grouped_in_runs(
+    a: Tensor,
+    sa: Tensor,
+    b: Tensor,
+    sb: Tensor,
+    plan: GroupLayout,
+    out_dtype: torch.dtype,
+    out: Tensor | None,
+    runs: int,
+) -> Tensor:
+    """deepgemm_m_grouped's unpadded result, the padded rows made ``runs`` runs of whole 128-row blocks at a
+    time in one bf16 scratch and written to their rows of y (any dtype) by a Triton kernel."""
+    rows, n = plan.num_padded_rows, b.shape[1]
+    shape = (plan.num_rows, n)
+    y = (
+        torch.empty(shape, dtype=out_dtype, device=a.device)
+        if out is None
+        else check_out("out", out, shape, out_dtype, a.device)
+    )
+    step = -(-rows // (runs * 128)) * 128
+    scratch = torch.empty(min(step, rows), n, dtype=torch.bfloat16, device=a.device)
+    for first in range(0, rows, step):
+        last = min(rows, first + step)
+        part = scratch[: last - first]
+        deep_gemm.m_grouped_fp8_gemm_nt_contiguous(
+            (a[first:last], sa.T[first:last]),
+            (b, sb),
+            part,
+            plan.row_expert[first:last],
+            recipe_a=(1, 128),
+            recipe_b=(128, 128),
+            disable_ue8m0_cast=True,
+        )
+        unpad_rows(part, plan, first, y)
+    zero_unrouted_rows(y, plan)
+    return y
+
+
+# A bf16 dw's fp32 accumulator is computed in this many runs of experts through one scratch: at the seed
+# shape two (a 235 MB scratch) keep the wgrad's moment below the dgrad's (Backend.backward runs the wgrad
+# first); each run is one more DeepGEMM launch.
+_WGRAD_CHUNKS = 2
 
 
 def _k_grouped(

@@ -81,9 +81,11 @@ def reference_m_grouped(
     out_dtype: torch.dtype,
     out: Tensor | None,
     padded: bool = False,
+    low_memory: bool = False,
 ) -> Tensor:
     """The M-grouped GEMM of :class:`~fp8moe.backends.base.MGroupedGemm`, dequantized, fp32 per group
-    (``padded=True``: (Mp, N) in the padded layout, every row outside the groups zero)."""
+    (``padded=True``: (Mp, N) in the padded layout, every row outside the groups zero; ``low_memory`` is
+    ignored)."""
     with torch.autocast(a.device.type, enabled=False):
         result = torch.zeros(plan.num_padded_rows + 1, b.shape[1], dtype=torch.float32, device=a.device)
         for g, (start, length) in enumerate(_groups(plan)):

@@ -23,6 +23,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from fp8moe.kernels.launch import direct
 from fp8moe.plan import GroupLayout
 from fp8moe.recipe import BLOCK, FP8_DTYPE
 from fp8moe.validation import check_out
@@ -123,6 +124,20 @@ def _zero_unrouted_rows_kernel(
             tl.store(y_ptr + rows.to(tl.int64)[:, None] * stride_y + cols[None, :], zeros, mask=mask)
 
 
+@triton.jit
+def _unpad_rows_kernel(
+    src_ptr, stride_src, y_ptr, stride_y, padded_to_row_ptr, first, rows, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+):
+    """y[padded_to_row[first + r]] = src[r] (converted to y's dtype) for the rows r < rows of src whose
+    padded row ``first + r`` is a real row (padded_to_row >= 0); one BLOCK_M x BLOCK_N tile a program."""
+    r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dest = tl.load(padded_to_row_ptr + first + r, mask=r < rows, other=-1)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (dest >= 0)[:, None]
+    v = tl.load(src_ptr + r.to(tl.int64)[:, None] * stride_src + cols[None, :], mask=mask)
+    tl.store(y_ptr + dest.to(tl.int64)[:, None] * stride_y + cols[None, :], v.to(y_ptr.dtype.element_ty), mask=mask)
+
+
 # restore_value: autotuning times every config on the real buffer, which an accumulating launch adds into.
 @triton.autotune(configs=_configs(), key=["N", "K", "ACCUMULATE"], restore_value=["d_ptr"])
 @triton.jit
@@ -174,6 +189,37 @@ def _k_grouped_kernel(
     tl.store(d_ptrs, acc.to(d_ptr.dtype.element_ty))
 
 
+def unpad_rows(src: Tensor, layout: GroupLayout, first: int, y: Tensor) -> None:
+    """Write the rows of ``src`` (R, N), rows ``[first, first + R)`` of the padded layout of ``layout``,
+    to their unpadded rows of ``y`` (M, N) (any float dtype: converted); padding rows are skipped. ``first``
+    and R are multiples of 128 (a run of the padded layout, e.g. one of several GEMM launches)."""
+    rows, n = src.shape
+    if rows == 0 or n == 0:
+        return
+    block_n = 256 if n % 256 == 0 else BLOCK
+    grid = (triton.cdiv(rows, 32), n // block_n)
+    direct(_unpad_rows_kernel)[grid](
+        src, src.stride(0), y, y.stride(0), layout.padded_to_row, first, rows, BLOCK_M=32, BLOCK_N=block_n, num_warps=4
+    )
+
+
+def zero_unrouted_rows(y: Tensor, layout: GroupLayout) -> None:
+    """Zero the rows of y (M, N) at or past ``offsets[-1]`` (rows of no group); N a multiple of 128."""
+    if y.numel() == 0:
+        return
+    direct(_zero_unrouted_rows_kernel)[(triton.cdiv(layout.num_rows, 64),)](
+        y,
+        y.stride(0),
+        layout.offsets,
+        layout.num_groups,
+        layout.num_rows,
+        y.shape[1],
+        BLOCK_M=64,
+        BLOCK_N=BLOCK,
+        num_warps=4,
+    )
+
+
 def _check_fp8(name: str, t: Tensor, shape: tuple[int, ...]) -> None:
     if t.dtype != FP8_DTYPE:
         raise TypeError(f"{name}: expected dtype {FP8_DTYPE}, got {t.dtype}")
@@ -202,6 +248,7 @@ def m_grouped_gemm(
     out: Tensor | None = None,
     *,
     padded: bool = False,
+    low_memory: bool = False,
 ) -> Tensor:
     """M-grouped NT GEMM: ``y[rows of g] = dequant(a, sa)[padded rows of g] @ dequant(b[g], sb[g]).T``.
 
@@ -216,6 +263,8 @@ def m_grouped_gemm(
             ``padded``).
         padded: keep the result in the padded layout of ``a``: (Mp, N), the groups' rows hold the products,
             the other rows are unspecified (tiles that are all padding are not written).
+        low_memory: accepted for the M-grouped provider signature and ignored: this kernel writes the
+            unpadded rows directly, with no padded temporary.
 
     Returns:
         y: (M, N) ``out_dtype`` in unpadded row order (``out`` when given); rows at or past
@@ -242,14 +291,12 @@ def m_grouped_gemm(
     def grid(meta: dict) -> tuple[int]:
         return ((mp // meta["BLOCK_M"]) * (n // meta["BLOCK_N"]),)
 
-    _m_grouped_kernel[grid](
+    direct(_m_grouped_kernel)[grid](
         a_desc, sa, b_desc, sb, y, y.stride(0), layout.padded_to_row, layout.row_expert, mp, n, k, PADDED=padded
     )
     if padded:
         return y
-    _zero_unrouted_rows_kernel[(triton.cdiv(layout.num_rows, 64),)](
-        y, y.stride(0), layout.offsets, layout.num_groups, layout.num_rows, n, BLOCK_M=64, BLOCK_N=BLOCK, num_warps=4
-    )
+    zero_unrouted_rows(y, layout)
     return y
 
 
@@ -299,5 +346,7 @@ def k_grouped_gemm(
     def grid(meta: dict) -> tuple[int]:
         return (layout.num_groups * (n // meta["BLOCK_M"]) * (k // meta["BLOCK_N"]),)
 
-    _k_grouped_kernel[grid](a, sa, b, sb, d, layout.padded_starts, layout.padded_sizes, n, k, ACCUMULATE=accumulate)
+    direct(_k_grouped_kernel)[grid](
+        a, sa, b, sb, d, layout.padded_starts, layout.padded_sizes, n, k, ACCUMULATE=accumulate
+    )
     return d

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fp8moe.kernels.launch import direct
 from fp8moe.plan import GroupLayout, padded_rows_bound, plan_data_size
 
 _ROWS_PER_PROGRAM = 1024
@@ -73,5 +74,5 @@ def plan_groups_kernel(offsets: Tensor, num_rows: int) -> GroupLayout:
     block_e = triton.next_power_of_2(num_groups)
     block_r = max(16, min(_ROWS_PER_PROGRAM, 2**17 // block_e))
     grid = (max(1, triton.cdiv(num_padded, block_r)),)
-    _plan_kernel[grid](offsets, data, num_groups, num_rows, num_padded, BLOCK_E=block_e, BLOCK_R=block_r)
+    direct(_plan_kernel)[grid](offsets, data, num_groups, num_rows, num_padded, BLOCK_E=block_e, BLOCK_R=block_r)
     return GroupLayout(offsets, data, num_rows, num_padded)

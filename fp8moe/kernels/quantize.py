@@ -71,6 +71,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fp8moe.kernels.launch import direct
 from fp8moe.plan import GroupLayout
 from fp8moe.recipe import BLOCK, FP8_DTYPE, FP8_MAX, MIN_NORMAL
 from fp8moe.validation import check_out
@@ -577,7 +578,7 @@ def quantize_tokens(
         def grid(meta: dict) -> tuple[int]:
             return ((mp // meta["BLOCK_ROWS"]) * (cols // meta["BLOCK_COLS"]),)
 
-        _quantize_tokens_kernel[grid](
+        direct(_quantize_tokens_kernel)[grid](
             x,
             x.stride(0),
             layout.padded_to_row,
@@ -643,7 +644,7 @@ def quantize_weight(
         sw_t = w.new_empty(shapes_t[1] if transposed else (0,), dtype=torch.float32)
     fused = transposed and (w.dtype != torch.float32 or FP32_WEIGHT_SINGLE_READ)
     if w.numel():
-        _quantize_weight_kernel[(e * (n // BLOCK) * (k // BLOCK),)](
+        direct(_quantize_weight_kernel)[(e * (n // BLOCK) * (k // BLOCK),)](
             w,
             wq,
             sw,
