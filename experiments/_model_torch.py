@@ -9,16 +9,24 @@ slower than fp32 ones) computes every bf16 GEMM (the dense layers and the bf16 e
 bf16 operands) as an fp32 matmul of the bf16-rounded operands with a bf16-rounded result, instead of
 ``torch.autocast``: the same values as a bf16 GEMM with fp32 accumulation, up to the order of the additions.
 The FP8 expert GEMMs are the same in both modes.
+
+The MoE layers run op by op or, with ``fused=True``, as the fused expert block (``MoE(fused=True)``), in
+either precision. The emulation reaches the bf16 expert GEMMs of both: the op-by-op layer through its
+``_expert_mm`` (:class:`EmulatedBf16MoE`), the fused block, whose bf16 GEMMs are ``torch._grouped_mm``
+calls inside its own autograd function, through :class:`EmulatedBf16GroupedMm`, a dispatch mode active in
+the layer's forward and backward (:class:`_EmulatedBf16Layer`); ``fp8moe`` itself is unchanged.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from experiments._config import ModelConfig, TrainConfig
 from fp8moe.moe import MoE
@@ -41,20 +49,94 @@ def emulated_bf16_grouped_mm(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
     return torch._grouped_mm(x.float(), w.to(BF16).float().transpose(1, 2), offs=offsets).to(BF16)
 
 
+class EmulatedBf16GroupedMm(TorchDispatchMode):
+    """While active (``with EmulatedBf16GroupedMm():``), every ``aten._grouped_mm`` of bf16 operands runs as
+    :func:`emulated_bf16_grouped_mm` does: an fp32 grouped GEMM of the (already bf16) operands with the result
+    rounded to bf16 (or ``out_dtype``). Other ops, and grouped GEMMs of other dtypes, run unchanged.
+
+    A dispatch mode sits below autograd, so it reaches the GEMMs of a custom autograd function's backward
+    too (the fused block's dgrad and wgrad) when the backward runs under it. ``calls`` counts the GEMMs it
+    emulated."""
+
+    _GROUPED_MM = torch.ops.aten._grouped_mm.default
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is self._GROUPED_MM and args[0].dtype == BF16 and args[1].dtype == BF16:
+            self.calls += 1
+            out_dtype = kwargs.pop("out_dtype", None) or BF16
+            args = tuple(a.float() if isinstance(a, Tensor) and a.dtype == BF16 else a for a in args)
+            kwargs = {k: v.float() if isinstance(v, Tensor) and v.dtype == BF16 else v for k, v in kwargs.items()}
+            return func(*args, **kwargs).to(out_dtype)
+        return func(*args, **kwargs)
+
+
+class _EmulatedBf16Layer(torch.autograd.Function):
+    """``run(x)`` (a layer's forward using ``params``) with its forward *and* backward under ``mode``: the
+    forward builds the layer's own graph inside this node (on detached x), the backward runs
+    ``torch.autograd.grad`` through it under the mode. Outputs: the tensors ``run`` returns, detached."""
+
+    @staticmethod
+    def forward(ctx, run: Callable, mode: EmulatedBf16GroupedMm, x: Tensor, *params: Tensor):
+        inner_x = x.detach().requires_grad_(x.requires_grad)
+        with torch.enable_grad(), mode:
+            outs = run(inner_x)
+        ctx.mode, ctx.inner = mode, (inner_x, params, outs)
+        return tuple(o.detach() for o in outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        inner_x, params, outs = ctx.inner
+        inputs = [(i, t) for i, t in enumerate((inner_x, *params)) if ctx.needs_input_grad[2 + i]]
+        pairs = [(o, g) for o, g in zip(outs, grads) if o.requires_grad]
+        result = [None] * (1 + len(params))
+        if inputs and pairs:
+            with ctx.mode:
+                found = torch.autograd.grad(
+                    [o for o, _ in pairs], [t for _, t in inputs], [g for _, g in pairs], allow_unused=True
+                )
+            for (i, _), g in zip(inputs, found):
+                result[i] = g
+        del ctx.inner
+        return None, None, *result
+
+
 class EmulatedBf16MoE(MoE):
     """:class:`fp8moe.moe.MoE` whose bf16 expert GEMMs run as :func:`emulated_bf16_grouped_mm` (the FP8 ones
-    are unchanged)."""
+    are unchanged): op by op through ``_expert_mm``; with ``fused=True`` the whole bf16 layer (routing and
+    fused block, forward and backward) runs under :class:`EmulatedBf16GroupedMm` (``self.emulation``, whose
+    ``calls`` count the emulated GEMMs)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.emulation = EmulatedBf16GroupedMm()
 
     def _expert_mm(self, x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
         if self.precision == "bf16":
             return emulated_bf16_grouped_mm(x, w, offsets)
         return super()._expert_mm(x, w, offsets)
 
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if not (self.fused and self.precision == "bf16"):
+            return super().forward(x)
+        params = tuple(self.parameters())
+        if not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))):
+            with self.emulation:
+                return super().forward(x)
+        y, aux = _EmulatedBf16Layer.apply(super().forward, self.emulation, x, *params)
+        return y, aux
+
 
 class Block(nn.Module):
     """Pre-norm block: ``x + attn(norm(x))``, then ``x + moe(norm(x))``."""
 
-    def __init__(self, cfg: ModelConfig, precision: str, backend: str, bf16_math: str = "native") -> None:
+    def __init__(
+        self, cfg: ModelConfig, precision: str, backend: str, bf16_math: str = "native", fused: bool = False
+    ) -> None:
         super().__init__()
         self.num_heads, self.emulate_bf16 = cfg.num_heads, bf16_math == "emulated"
         self.attn_norm = nn.RMSNorm(cfg.d_model, eps=NORM_EPS)
@@ -62,7 +144,9 @@ class Block(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.moe_norm = nn.RMSNorm(cfg.d_model, eps=NORM_EPS)
         moe = EmulatedBf16MoE if self.emulate_bf16 else MoE
-        self.moe = moe(cfg.d_model, cfg.d_ff, cfg.num_experts, cfg.top_k, precision=precision, backend=backend)
+        self.moe = moe(
+            cfg.d_model, cfg.d_ff, cfg.num_experts, cfg.top_k, precision=precision, backend=backend, fused=fused
+        )
 
     def dense(self, layer: nn.Linear, x: Tensor) -> Tensor:
         return emulated_bf16_linear(x, layer.weight) if self.emulate_bf16 else layer(x)
@@ -79,16 +163,24 @@ class Block(nn.Module):
 
 
 class MoETransformer(nn.Module):
-    """Byte-level decoder-only MoE transformer. ``forward(tokens (B, S) int) -> (logits (B, S, V), aux ())``."""
+    """Byte-level decoder-only MoE transformer. ``forward(tokens (B, S) int) -> (logits (B, S, V), aux ())``.
+    ``fused``: the MoE layers run their experts as the fused block (``MoE(fused=True)``)."""
 
-    def __init__(self, cfg: ModelConfig, precision: str, backend: str = "auto", bf16_math: str = "native") -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        precision: str,
+        backend: str = "auto",
+        bf16_math: str = "native",
+        fused: bool = False,
+    ) -> None:
         super().__init__()
         if bf16_math not in BF16_MATH:
             raise ValueError(f"bf16_math: expected one of {BF16_MATH}, got {bf16_math!r}")
         self.emulate_bf16 = bf16_math == "emulated"
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Parameter(torch.empty(cfg.seq_len, cfg.d_model))
-        self.blocks = nn.ModuleList(Block(cfg, precision, backend, bf16_math) for _ in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(Block(cfg, precision, backend, bf16_math, fused) for _ in range(cfg.num_layers))
         self.norm = nn.RMSNorm(cfg.d_model, eps=NORM_EPS)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         for name, p in self.named_parameters():  # the MoE layers keep their own initialisation
@@ -107,11 +199,13 @@ class MoETransformer(nn.Module):
         return logits, torch.stack(aux).mean()
 
 
-def build_model(cfg: ModelConfig, precision: str, backend: str, seed: int, bf16_math: str = "native") -> MoETransformer:
-    """The model with its initial weights drawn on the CPU from ``seed`` (the same for every precision and
-    ``bf16_math``)."""
+def build_model(
+    cfg: ModelConfig, precision: str, backend: str, seed: int, bf16_math: str = "native", fused: bool = False
+) -> MoETransformer:
+    """The model with its initial weights drawn on the CPU from ``seed`` (the same for every precision,
+    ``bf16_math`` and ``fused``)."""
     torch.manual_seed(seed)
-    return MoETransformer(cfg, precision, backend, bf16_math)
+    return MoETransformer(cfg, precision, backend, bf16_math, fused)
 
 
 def initial_weights(cfg: ModelConfig, seed: int) -> dict[str, np.ndarray]:
@@ -129,6 +223,7 @@ class TorchTrainer:
         seed: seeds the initial weights (the same for every precision and framework).
         bf16_math: "native" (``torch.autocast`` to bf16) or "emulated" (bf16 GEMMs as fp32 matmuls of
             bf16-rounded operands, see the module's docstring).
+        fused: the MoE layers run the fused expert block (``MoE(fused=True)``) instead of op by op.
     """
 
     def __init__(
@@ -141,8 +236,9 @@ class TorchTrainer:
         compile: bool,
         seed: int,
         bf16_math: str = "native",
+        fused: bool = False,
     ) -> None:
-        self.model = build_model(cfg, precision, backend, seed, bf16_math).to(device)
+        self.model = build_model(cfg, precision, backend, seed, bf16_math, fused).to(device)
         self.train_cfg, self.device, self.autocast = train_cfg, device, bf16_math == "native"
         params = list(self.model.parameters())
         groups = [  # weight decay on matrices and expert stacks, not on norm gains
