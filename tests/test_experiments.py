@@ -4,6 +4,7 @@ import dataclasses
 import itertools
 import json
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -156,7 +157,7 @@ def test_train_moe_runs_learns_and_reports(tmp_path, capsys, monkeypatch):
     assert runs == {(f, p) for f in frameworks for p in ("bf16", "fp8")}
     batch = {"torch": 4, "jax": 2}
     for log in logs:
-        record = json.loads((tmp_path / f"{log.framework}_{log.precision}.json").read_text())
+        record = json.loads((tmp_path / f"{log.framework}_{log.precision}_seed0.json").read_text())
         assert len(record["train_loss"]) == 8 and all(np.isfinite(record["train_loss"]))
         held_out = [loss for _, loss in record["held_out"]]
         assert held_out[0] > 5.0 and held_out[-1] < held_out[0] - 0.5  # from ~ln(256) down: it learns
@@ -165,9 +166,13 @@ def test_train_moe_runs_learns_and_reports(tmp_path, capsys, monkeypatch):
         assert log.tokens_per_step == batch[log.framework] * cfg.seq_len
     summary = (tmp_path / "summary.md").read_text()
     auto = fp8moe.backend_info("cuda" if torch.cuda.is_available() else "cpu")["auto"]  # the fp8 runs' backend
-    assert f"| torch fp8 | fp8 {auto} |" in summary and "held-out gap vs bf16" in summary
+    assert f"| torch fp8 | 0 | fp8 {auto}, fused block |" in summary and "held-out gap vs bf16" in summary
+    assert "| jax fp8 | 0 | fp8 " in summary and "op-by-op MoE layer in jax bf16, jax fp8" in summary
+    assert "fused expert block (MoE(fused=True), --fused) in torch bf16, torch fp8" in summary
+    assert "(1 seed)" in summary and "not checked: 1 seed, the target needs >= 3" in summary
     if not torch.cuda.is_available():  # the torch runs emulate bf16 on a CPU, and say so
-        assert "| torch bf16 | bf16 (fp32-emulated) |" in summary and "bf16 math emulated in fp32" in summary
+        assert "| torch bf16 | 0 | bf16 (fp32-emulated), fused block |" in summary
+        assert "bf16 math emulated in fp32" in summary
     assert "Same weights, same batches" not in summary  # the frameworks saw different batches
     assert (tmp_path / "loss.png").stat().st_size > 10_000
     out = capsys.readouterr()
@@ -442,3 +447,122 @@ def test_bench_moe_layer_torchao_layer_passes_the_weights_as_torchao_wants_them(
     assert torch.equal(*ys)
     (e, k, n), strides = seen[0][0], seen[0][1]
     assert (e, k, n) == (4, 128, 256) and strides == (k * n, 1, k) and seen[0][2] == torch.int32
+
+
+def test_train_moe_seeds_report_the_gap_mean_and_spread_and_plot_each_seed(tmp_path, monkeypatch):
+    """--seeds: every precision once per seed (a JSON log each), the summary's seed table (mean gap with its
+    min/max/std, step time per precision, fp8/bf16 ratio) and target lines, per-seed and mean lines in the plot."""
+    import matplotlib.figure
+
+    from experiments import _config
+
+    cfg, train_cfg = SIZES["cpu"]
+    small = dataclasses.replace(train_cfg, batch_size=2, num_evals=2, eval_batches=1)
+    monkeypatch.setitem(_config.SIZES, "cpu", (cfg, small))
+    figures = []
+    savefig = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(
+        matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: (figures.append(fig), savefig(fig, *a, **k))
+    )
+    argv = ["--size", "cpu", "--steps", "3", "--framework", "torch", "--seeds", "0,1", "--out", str(tmp_path)]
+    logs = train_moe.main([*argv, "--data", str(stdlib_path() / "json")])
+    assert [(log.seed, log.precision) for log in logs] == [(0, "bf16"), (0, "fp8"), (1, "bf16"), (1, "fp8")]
+    assert all(log.fused for log in logs)
+    records = {
+        (seed, p): json.loads((tmp_path / f"torch_{p}_seed{seed}.json").read_text()) for seed in (0, 1) for p in PREC
+    }
+    assert all(r["seed"] == seed and len(r["train_loss"]) == 3 for (seed, _), r in records.items())
+    assert records[0, "bf16"]["held_out"][0] != records[1, "bf16"]["held_out"][0]  # other weights, other batches
+    (summary,) = train_moe.seed_summaries(logs)
+    bf16, fp8 = ([log for log in logs if log.precision == p] for p in PREC)
+    gaps = [train_moe.relative_pct(f.final_held_out_loss, b.final_held_out_loss) for b, f in zip(bf16, fp8)]
+    assert summary.gaps_pct == pytest.approx(gaps) and summary.seeds == [0, 1]
+    assert summary.ms_per_step["fp8"] == pytest.approx(statistics.median(fp8[0].step_ms + fp8[1].step_ms))
+    text = (tmp_path / "summary.md").read_text()
+    assert "seeds 0,1" in text.splitlines()[0]
+    assert f"{summary.gap_mean:+.2f}% (min {min(gaps):+.2f}%, max {max(gaps):+.2f}%, std " in text
+    assert f"| {summary.speedup:.2f}x |" in text and "2 seeds)" in text
+    assert "not checked: 2 seeds, the target needs >= 3" in text
+    assert "not checked here: not the GPU size; not on a GPU" in text
+    assert "| torch fp8 | 1 |" in text and (tmp_path / "loss.png").stat().st_size > 10_000
+    labels = [line.get_label() for line in figures[0].axes[2].get_lines()]
+    assert "torch: fp8 - bf16 (mean of 2 seeds)" in labels and "_torch seed 1" in labels
+    assert len(figures[0].axes[1].get_lines()) == 2 * 3  # held-out: per precision two seeds and the mean
+
+
+PREC = train_moe.PRECISIONS
+
+
+def test_seed_summaries_and_target_checks():
+    logs = []
+    for seed, gap in ((0, 1.0), (1, 2.0), (2, 3.0)):
+        for precision, scale, ms in (("bf16", 1.0, 12.0), ("fp8", 1 + gap / 100, 10.0)):
+            log = make_log("torch", precision, [5.0, 4.0, 2.0 * scale])
+            log.seed, log.fused, log.device, log.step_ms = seed, True, "cuda", [ms + seed] * 3
+            logs.append(log)
+    (summary,) = train_moe.seed_summaries(logs)
+    assert summary.gaps_pct == pytest.approx([1.0, 2.0, 3.0]) and summary.gap_mean == pytest.approx(2.0)
+    assert summary.gap_std == pytest.approx(1.0) and summary.speedup == pytest.approx(13.0 / 11.0)
+    gap_line, speed_line = train_moe.target_checks([summary], "gpu")
+    assert "+2.00% (min +1.00%, max +3.00%, std 1.00 pp; 3 seeds)" in gap_line and gap_line.endswith("**missed**")
+    assert "1.18x (13.0 vs 11.0 ms/step): **met**" in speed_line
+    summary.fused = False
+    assert "not the fused block" in train_moe.target_checks([summary], "gpu")[1]
+    assert train_moe.held_out_gaps(logs)["torch"][1] == pytest.approx([0.0, 0.0, 2.0])
+    assert "| torch | 0,1,2 |" in train_moe.seed_table([summary])
+
+
+@pytest.mark.parametrize(
+    "argv, error",
+    [
+        (["--seeds", "0,0"], "expected distinct seeds >= 0"),
+        (["--seeds", "0,x"], "expected comma-separated integers"),
+        (["--seed", "1", "--seeds", "0,1"], "--seed and --seeds: give one of them"),
+        (["--seed", "-1"], "--seed: expected >= 0"),
+    ],
+)
+def test_train_moe_rejects_bad_seeds(argv, error, capsys):
+    with pytest.raises(SystemExit):
+        train_moe.parse_args(argv)
+    assert error in capsys.readouterr().err
+
+
+def test_seed_and_fused_flags():
+    assert train_moe.parse_args([]).seeds == [0] and train_moe.parse_args(["--seed", "4"]).seeds == [4]
+    assert train_moe.parse_args(["--seeds", "2,0,1"]).seeds == [2, 0, 1]
+    assert train_moe.parse_args([]).fused and not train_moe.parse_args(["--no-fused"]).fused
+
+
+def test_fused_bf16_layer_is_emulated_on_cpu():
+    """The fused bf16 block's GEMMs (2 forward, 2 dgrad, 2 wgrad) run through the fp32 emulation when the model
+    emulates bf16: the hook is called, the numbers differ from torch's native bf16 GEMMs by rounding order only,
+    and the gradients reach every parameter."""
+    from experiments._model_torch import EmulatedBf16MoE, TorchTrainer
+    from fp8moe.moe import MoE
+
+    torch.manual_seed(0)
+    emulated = EmulatedBf16MoE(128, 128, 4, 2, precision="bf16", backend="reference", fused=True)
+    native = MoE(128, 128, 4, 2, precision="bf16", backend="reference", fused=True)
+    native.load_state_dict(emulated.state_dict())
+    x = torch.randn(200, 128, requires_grad=True)
+    x_native = x.detach().clone().requires_grad_()
+    y, aux = emulated(x)
+    (y.square().mean() + aux).backward()
+    assert emulated.emulation.calls == 6
+    y_native, aux_native = native(x_native)
+    (y_native.square().mean() + aux_native).backward()
+    assert not torch.equal(y, y_native) and sqnr_db(y_native, y) >= 60
+    assert aux.item() == aux_native.item()
+    for p, p_native in zip((x, *emulated.parameters()), (x_native, *native.parameters())):
+        assert p.grad is not None and sqnr_db(p_native.grad, p.grad) >= 50
+    with torch.no_grad():  # inference: the forward's two GEMMs, no autograd node
+        assert torch.equal(emulated(x)[0], y) and emulated.emulation.calls == 8
+    fp8 = EmulatedBf16MoE(128, 128, 4, 2, precision="fp8", backend="reference", fused=True)
+    fp8(x)[0].sum().backward()
+    assert fp8.emulation.calls == 0  # the FP8 block is the real recipe
+
+    cfg, train_cfg = SIZES["cpu"]
+    trainer = TorchTrainer(cfg, train_cfg, "bf16", "reference", torch.device("cpu"), False, 0, "emulated", True)
+    batch = train_batch(np.frombuffer(b"import os\n" * 500, np.uint8), 0, 2, cfg.seq_len, 0)
+    assert np.isfinite(trainer.step(batch, 1e-3))
+    assert [block.moe.emulation.calls for block in trainer.model.blocks] == [6] * cfg.num_layers
