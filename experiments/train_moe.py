@@ -517,8 +517,14 @@ def plot(logs: list[RunLog], title: str, path: Path) -> None:
     thin = {"linewidth": 0.7, "alpha": 0.45}
     multi = len(seeds_of(logs)) > 1
     zoom_train, zoom_eval = [], []
+    run_colors = {  # per framework and precision: bf16 and fp8 tell apart with thin per-seed lines too
+        ("torch", "bf16"): "tab:blue",
+        ("torch", "fp8"): "tab:green",
+        ("jax", "bf16"): "tab:orange",
+        ("jax", "fp8"): "tab:brown",
+    }
     for (framework, precision), runs in by_run(logs).items():
-        color, style = colors[framework], styles[precision]
+        color, style = run_colors[framework, precision], styles[precision]
         length = min(len(log.train_loss) for log in runs)
         steps = np.arange(1, length + 1)
         window = max(1, length // 30)
