@@ -7,7 +7,8 @@
 # experiment. Logs and results are written to $LOGS and packed into
 # $OUT/results.tgz after every stage (the device tool brings back only a few files, and a call cut off by
 # its time limit still returns what finished). PYTEST_ARGS narrows the test stage, TRAIN_ARGS adds flags
-# to train_moe.py; STAGE_TIMEOUT (seconds, default 1800) bounds each command.
+# to train_moe.py (the fused-block issue's check, ~5 min on an H200:
+# TRAIN_ARGS="--framework torch --seeds 0,1,2 --steps 250"); STAGE_TIMEOUT (seconds, default 1800) bounds each command.
 set -uo pipefail
 OUT=${OUT:-/tmp/fp8moe-out}
 LOGS=${LOGS:-/tmp/fp8moe-logs}
