@@ -1,4 +1,5 @@
-"""Expert parallelism for the JAX MoE layer: :func:`jax_bridge.moe_layer` under a mesh axis with ``jax.shard_map``.
+"""Expert parallelism for the JAX MoE layer: :func:`jax_bridge.moe_layer` under a mesh axis with ``jax.shard_map``
+(its op-by-op expert block, ``moe_layer(fused=False)``, unless ``expert_block=`` is given).
 
 Layout over the ``ep`` devices of the mesh axis (default ``"ep"``): the tokens are sharded over the axis (each
 device routes its own shard, as in data parallelism), the router weight is replicated, and device r holds

@@ -48,7 +48,7 @@ def step(layer):
 
 
 OPTIONS = dict(top_k=TOP_K, precision=PRECISION, backend="reference")
-reference = step(lambda p, x: jax_bridge.moe_layer(p, x, **OPTIONS))
+reference = step(lambda p, x: jax_bridge.moe_layer(p, x, fused=False, **OPTIONS))  # EP runs the op-by-op block
 ep = step(lambda p, x: parallel.ep_moe_layer(p, x, mesh=mesh, **OPTIONS))
 ep_forward = jax.jit(lambda p, x: parallel.ep_moe_layer(p, x, mesh=mesh, **OPTIONS))
 
@@ -221,7 +221,7 @@ def test_gpu_ragged_all_to_all_matches_the_padded_one_and_the_unsharded_layer(pr
         )(jax.device_put(params, parallel.param_shardings(mesh)), jax.device_put(x, NamedSharding(mesh, P("ep"))))
         for impl in parallel.ALL_TO_ALL_IMPLS
     }
-    unsharded = step(lambda p, x: jax_bridge.moe_layer(p, x, top_k=k, precision=precision))(params, x)
+    unsharded = step(lambda p, x: jax_bridge.moe_layer(p, x, top_k=k, precision=precision, fused=False))(params, x)
     floor = {"bf16": 40.0, "fp8": 25.0}[precision]
     ragged = jax.tree_util.tree_leaves(results["ragged_all_to_all"])
     for other in (jax.tree_util.tree_leaves(results["all_to_all"]), jax.tree_util.tree_leaves(unsharded)):
