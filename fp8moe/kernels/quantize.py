@@ -55,6 +55,12 @@ issue rate, which a plain ``div_rn`` per element and byte-wise transposes exceed
   an SM, so that one CTA's loads are in flight while another computes; the one-read 128x128 token tile
   also runs at 4 warps, where each thread's per-tile work (scales and reciprocals of its rows and
   columns) is shared by the most elements.
+- *Sources.* The token kernel reads the value it quantizes through a constexpr source mode (see
+  :func:`_source_rows`): GATHER, rows of x through a row map and a divisor (``padded_to_row`` for
+  :func:`quantize_tokens`; the fused MoE block's dispatch uses its plan's ``row_assignment`` and k), and
+  the fused MoE block's passes computed in fp32 on the fly (``c * dy``, SwiGLU and its backward; see
+  :mod:`fp8moe.kernels.moe`). The same kernel can instead write its value unquantized as one plain
+  (bf16) tensor (PLAIN).
 
 Measured on the CPU only (sm_90 code from Triton 3.6 read with ptxas/cuobjdump): ~23 instructions an
 element for both token layouts at 4 warps, ~13 for rowwise only, ~17 for token tiles only, ~13 for a
@@ -595,15 +601,9 @@ def _quantize_tokens_kernel(
     out (Mp, C) in its dtype, unquantized (and unflushed). The tile is four sub-tiles of BLOCK_ROWS/4 rows,
     sub-tile a holding rows 4 b + a (module docstring).
     """
-    if SOURCE == _SWIGLU_BACKWARD:
-        half = num_cols // 2  # the up half of h and of dh
-        col_blocks = half // BLOCK_COLS
-    elif SOURCE == _SWIGLU:
-        half = num_cols  # the up half of h
-        col_blocks = num_cols // BLOCK_COLS
-    else:
-        half = 0
-        col_blocks = num_cols // BLOCK_COLS
+    HALVES: tl.constexpr = 2 if SOURCE == _SWIGLU_BACKWARD else 1  # tiles of dh write both its halves
+    col_blocks = num_cols // HALVES // BLOCK_COLS
+    half = num_cols // HALVES  # where the up half of h (and of dh) starts
     row_block = tl.program_id(0) // col_blocks
     col_block = tl.program_id(0) % col_blocks
     first = row_block * BLOCK_ROWS
@@ -619,41 +619,17 @@ def _quantize_tokens_kernel(
     x3, w3 = _source_rows(
         x_ptr, stride_x, y_ptr, stride_y, row_map_ptr, rows + 3, cols, half, SOURCE, DIVISOR, PLAIN, PTX
     )
-    _store_tile(
-        x0,
-        x1,
-        x2,
-        x3,
-        first,
-        row_block,
-        col_block,
-        row_expert_ptr,
-        padded_starts_ptr,
-        padded_sizes_ptr,
-        num_groups,
-        num_padded_rows,
-        num_cols,
-        q_ptr,
-        s_ptr,
-        qt_words_ptr,
-        st_ptr,
-        out_ptr,
-        ROWWISE,
-        TOKEN_TILES,
-        PLAIN,
-        BLOCK_ROWS,
-        BLOCK_COLS,
-        PTX,
-    )
-    if SOURCE == _SWIGLU_BACKWARD:
+    for i in tl.static_range(HALVES):
+        if i == 1:
+            x0, x1, x2, x3 = w0, w1, w2, w3
         _store_tile(
-            w0,
-            w1,
-            w2,
-            w3,
+            x0,
+            x1,
+            x2,
+            x3,
             first,
             row_block,
-            col_block + col_blocks,
+            col_block + i * col_blocks,
             row_expert_ptr,
             padded_starts_ptr,
             padded_sizes_ptr,
