@@ -427,22 +427,22 @@ def _source_rows(
     prow,
     cols,
     half,
+    up,
     SOURCE: tl.constexpr,
     DIVISOR: tl.constexpr,
     PLAIN: tl.constexpr,
     PTX: tl.constexpr,
 ):
     """Rows prow (R',) x columns cols (C',) of the token kernel's value in fp32 (PLAIN GATHER: in x's dtype),
-    for ``m = row_map[prow]``;
-    rows with m < 0 are never read and hold +0. :func:`_flush`-ed (the recipe's first step) unless PLAIN.
-    Returns (v, w); w is the second half of SWIGLU_BACKWARD (otherwise v again).
+    for ``m = row_map[prow]``; rows with m < 0 are never read and hold +0. :func:`_flush`-ed (the recipe's
+    first step) unless PLAIN.
 
     - GATHER: ``x[m // DIVISOR, c]`` (x any float dtype);
     - SCALED_GATHER: ``y[m] * x[m // DIVISOR, c]``, one fp32 product (:func:`_mul_rn`; y: flat factors);
     - SWIGLU: ``silu(g) * u``, ``g = x[p, c]``, ``u = x[p, half + c]`` (x: h, gate | up);
-    - SWIGLU_BACKWARD: ``v = da * u * (sig * (1 + g * (1 - sig)))``, ``w = da * (g * sig)``, ``sig =
-      sigmoid(g)``, g and u as SWIGLU, ``da = y[p, c]`` (torch's order of operations, for dh's gate and up
-      halves).
+    - SWIGLU_BACKWARD: dh's gate half ``da * u * (sig * (1 + g * (1 - sig)))``, or where ``up`` (a runtime
+      bool) its up half ``da * (g * sig)``; ``sig = sigmoid(g)``, g and u as SWIGLU, ``da = y[p, c]``
+      (torch's order of operations).
     """
     m = tl.load(row_map_ptr + prow)
     valid = m >= 0
@@ -460,25 +460,23 @@ def _source_rows(
             v = tl.load(ptrs, mask=valid[:, None], other=0.0)  # x's dtype: rounded only if the output's differs
         else:
             v = _load_flushed(ptrs, valid[:, None], PTX)
-        w = v
     else:
         ptrs = x_ptr + prow.to(tl.int64)[:, None] * stride_x + cols[None, :]
         g = tl.load(ptrs, mask=valid[:, None], other=0.0).to(tl.float32)
-        u = tl.load(ptrs + half, mask=valid[:, None], other=0.0).to(tl.float32)
         sig, silu = _silu_parts(g)
         if SOURCE == _SWIGLU:
-            v = silu * u
-            w = v
+            v = silu * tl.load(ptrs + half, mask=valid[:, None], other=0.0).to(tl.float32)
         else:
             da_ptrs = y_ptr + prow.to(tl.int64)[:, None] * stride_y + cols[None, :]
             da = tl.load(da_ptrs, mask=valid[:, None], other=0.0).to(tl.float32)
-            v = da * u * (sig * (1.0 + g * (1.0 - sig)))
-            w = da * (g * sig)
-            if not PLAIN:
-                w = _flush(w, PTX)
+            if up:
+                v = da * (g * sig)
+            else:
+                u = tl.load(ptrs + half, mask=valid[:, None], other=0.0).to(tl.float32)
+                v = da * u * (sig * (1.0 + g * (1.0 - sig)))
         if not PLAIN:
             v = _flush(v, PTX)
-    return v, w
+    return v
 
 
 @triton.jit
@@ -593,61 +591,66 @@ def _quantize_tokens_kernel(
     """One BLOCK_ROWS x BLOCK_COLS tile of the padded layout (Mp rows, C = num_cols output columns), its
     value read once from the sources by SOURCE (:func:`_source_rows`; ``row_map`` (Mp,) int32/int64: -1 on
     padding rows, which are written as zeros). A 1-D grid, column blocks fastest: consecutive CTAs read
-    neighbouring spans of the same rows. SWIGLU_BACKWARD tiles cover the first C/2 columns and also write
-    the same tile of the second half (its w).
+    neighbouring spans of the same rows. A SWIGLU_BACKWARD tile is one of dh's gate half or of its up half;
+    both read the same columns of h and da (the second read mostly from L2: the two tiles are C/2 columns,
+    a few CTAs, apart; one CTA computing both halves spills).
 
     ROWWISE (BLOCK_COLS == 128): q (Mp, C) e4m3 and s (C/128, Mp) fp32. TOKEN_TILES (BLOCK_ROWS == 128): the
     flat K-major codes through their int32 view qt_words (C * Mp / 4,) and st (Mp/128, C) fp32. PLAIN (alone):
     out (Mp, C) in its dtype, unquantized (and unflushed). The tile is four sub-tiles of BLOCK_ROWS/4 rows,
     sub-tile a holding rows 4 b + a (module docstring).
     """
-    HALVES: tl.constexpr = 2 if SOURCE == _SWIGLU_BACKWARD else 1  # tiles of dh write both its halves
-    col_blocks = num_cols // HALVES // BLOCK_COLS
-    half = num_cols // HALVES  # where the up half of h (and of dh) starts
+    col_blocks = num_cols // BLOCK_COLS
     row_block = tl.program_id(0) // col_blocks
     col_block = tl.program_id(0) % col_blocks
     first = row_block * BLOCK_ROWS
     rows = first + 4 * tl.arange(0, BLOCK_ROWS // 4)
     cols = col_block * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
-    x0, w0 = _source_rows(x_ptr, stride_x, y_ptr, stride_y, row_map_ptr, rows, cols, half, SOURCE, DIVISOR, PLAIN, PTX)
-    x1, w1 = _source_rows(
-        x_ptr, stride_x, y_ptr, stride_y, row_map_ptr, rows + 1, cols, half, SOURCE, DIVISOR, PLAIN, PTX
+    half = num_cols  # where the up half of h starts (SWIGLU)
+    up = False
+    src_cols = cols
+    if SOURCE == _SWIGLU_BACKWARD:  # a tile of dh's gate half or of its up half (CTA-uniform), read at cols % F
+        half = num_cols // 2
+        up = col_block * BLOCK_COLS >= half
+        src_cols = (col_block * BLOCK_COLS) % half + tl.arange(0, BLOCK_COLS)
+    x0 = _source_rows(
+        x_ptr, stride_x, y_ptr, stride_y, row_map_ptr, rows, src_cols, half, up, SOURCE, DIVISOR, PLAIN, PTX
     )
-    x2, w2 = _source_rows(
-        x_ptr, stride_x, y_ptr, stride_y, row_map_ptr, rows + 2, cols, half, SOURCE, DIVISOR, PLAIN, PTX
+    x1 = _source_rows(
+        x_ptr, stride_x, y_ptr, stride_y, row_map_ptr, rows + 1, src_cols, half, up, SOURCE, DIVISOR, PLAIN, PTX
     )
-    x3, w3 = _source_rows(
-        x_ptr, stride_x, y_ptr, stride_y, row_map_ptr, rows + 3, cols, half, SOURCE, DIVISOR, PLAIN, PTX
+    x2 = _source_rows(
+        x_ptr, stride_x, y_ptr, stride_y, row_map_ptr, rows + 2, src_cols, half, up, SOURCE, DIVISOR, PLAIN, PTX
     )
-    for i in tl.static_range(HALVES):
-        if i == 1:
-            x0, x1, x2, x3 = w0, w1, w2, w3
-        _store_tile(
-            x0,
-            x1,
-            x2,
-            x3,
-            first,
-            row_block,
-            col_block + i * col_blocks,
-            row_expert_ptr,
-            padded_starts_ptr,
-            padded_sizes_ptr,
-            num_groups,
-            num_padded_rows,
-            num_cols,
-            q_ptr,
-            s_ptr,
-            qt_words_ptr,
-            st_ptr,
-            out_ptr,
-            ROWWISE,
-            TOKEN_TILES,
-            PLAIN,
-            BLOCK_ROWS,
-            BLOCK_COLS,
-            PTX,
-        )
+    x3 = _source_rows(
+        x_ptr, stride_x, y_ptr, stride_y, row_map_ptr, rows + 3, src_cols, half, up, SOURCE, DIVISOR, PLAIN, PTX
+    )
+    _store_tile(
+        x0,
+        x1,
+        x2,
+        x3,
+        first,
+        row_block,
+        col_block,
+        row_expert_ptr,
+        padded_starts_ptr,
+        padded_sizes_ptr,
+        num_groups,
+        num_padded_rows,
+        num_cols,
+        q_ptr,
+        s_ptr,
+        qt_words_ptr,
+        st_ptr,
+        out_ptr,
+        ROWWISE,
+        TOKEN_TILES,
+        PLAIN,
+        BLOCK_ROWS,
+        BLOCK_COLS,
+        PTX,
+    )
 
 
 # ---- weights -----------------------------------------------------------------------------------------------
@@ -818,11 +821,10 @@ def _padded_pass(
     else:
         qt = x.new_empty((num_cols * mp,), dtype=FP8_DTYPE) if token_tiles else None
         st = x.new_empty((mp // BLOCK, num_cols), dtype=torch.float32) if token_tiles else None
-    grid_cols = num_cols // 2 if source == SWIGLU_BACKWARD else num_cols
     if mp and num_cols:
 
         def grid(meta: dict) -> tuple[int]:
-            return ((mp // meta["BLOCK_ROWS"]) * (grid_cols // meta["BLOCK_COLS"]),)
+            return ((mp // meta["BLOCK_ROWS"]) * (num_cols // meta["BLOCK_COLS"]),)
 
         _quantize_tokens_kernel[grid](
             x,
