@@ -414,6 +414,27 @@ def test_passes_setting_is_checked():
         fused.PASSES = saved
 
 
+def test_passes_are_chosen_by_device_backend_and_setting(monkeypatch):
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+
+    class Plain:  # a GEMM object that declares neither fp8 nor key
+        def operands(self, v, layout, rows, tiles):
+            return v, v
+
+    triton_fp8 = type("G", (), {"fp8": True, "key": "triton", "operands": Plain.operands})()
+    reference_fp8 = type("G", (), {"fp8": True, "key": "reference", "operands": Plain.operands})()
+    bf16 = fused._Bf16Gemms()
+    assert isinstance(fused._passes(triton_fp8, cuda), fused._KernelPasses)
+    assert isinstance(fused._passes(bf16, cuda), fused._KernelPasses) and not fused._passes(bf16, cuda).fp8
+    for gemms, device in ((triton_fp8, cpu), (reference_fp8, cuda), (Plain(), cuda), (bf16, cpu)):
+        assert isinstance(fused._passes(gemms, device), fused._PiecesPasses)
+    monkeypatch.setattr(fused, "PASSES", "kernels")
+    assert isinstance(fused._passes(reference_fp8, cpu), fused._KernelPasses)
+    assert isinstance(fused._passes(Plain(), cpu), fused._PiecesPasses)
+    monkeypatch.setattr(fused, "PASSES", "pieces")
+    assert isinstance(fused._passes(triton_fp8, cuda), fused._PiecesPasses)
+
+
 # ---- GPU: bit-exact against the pieces on the device, outputs poisoned first --------------------------------
 
 

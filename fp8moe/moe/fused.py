@@ -180,11 +180,15 @@ class _KernelPasses:
 
 
 def _passes(gemms, device: torch.device):
-    """The memory passes for tensors on ``device`` with these GEMMs, by :data:`PASSES`."""
+    """The memory passes for tensors on ``device`` with these GEMMs, by :data:`PASSES`. The kernels need to
+    know the operands the GEMMs take: GEMM objects declare ``fp8`` (FP8 pairs, or bf16 tensors) and ``key``
+    (their backend); one that does not gets the pieces, through its ``operands``."""
     if PASSES not in _PASSES:
         raise ValueError(f"fp8moe.moe.fused.PASSES: expected one of {_PASSES}, got {PASSES!r}")
-    use_kernels = PASSES == "kernels" or (PASSES == "auto" and device.type == "cuda" and gemms.key != "reference")
-    return _KernelPasses(gemms.fp8) if use_kernels else _PiecesPasses(gemms)
+    fp8, key = getattr(gemms, "fp8", None), getattr(gemms, "key", "")
+    on_device = PASSES == "auto" and device.type == "cuda" and key != "reference"
+    use_kernels = fp8 is not None and (PASSES == "kernels" or on_device)
+    return _KernelPasses(fp8) if use_kernels else _PiecesPasses(gemms)
 
 
 def _block_forward(gemms, x: Tensor, w1: Tensor, w2: Tensor, c: Tensor, plan: RoutingPlan, needs: tuple[bool, ...]):
