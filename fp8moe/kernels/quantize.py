@@ -412,7 +412,7 @@ _GATHER, _SCALED_GATHER, _SWIGLU, _SWIGLU_BACKWARD = (tl.constexpr(v) for v in r
 def _silu_parts(g):
     """(sigmoid(g), silu(g)) of fp32 g: ``1 / (1 + exp(-g))`` and ``g / (1 + exp(-g))``, torch's formulas,
     with Triton's ``exp`` and fp32 division (on a GPU ``ex2.approx`` and ``div.full``: a few ulp from
-    torch's; exact IEEE arithmetic under the interpreter)."""
+    torch's; NumPy's fp32 ``exp`` and IEEE division under the interpreter)."""
     d = 1.0 + tl.exp(-g)
     return 1.0 / d, g / d
 
@@ -605,10 +605,9 @@ def _quantize_tokens_kernel(
     col_block = tl.program_id(0) % col_blocks
     first = row_block * BLOCK_ROWS
     rows = first + 4 * tl.arange(0, BLOCK_ROWS // 4)
-    cols = col_block * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    src_cols = col_block * BLOCK_COLS + tl.arange(0, BLOCK_COLS)  # the columns read (written: _store_tile)
     half = num_cols  # where the up half of h starts (SWIGLU)
     up = False
-    src_cols = cols
     if SOURCE == _SWIGLU_BACKWARD:  # a tile of dh's gate half or of its up half (CTA-uniform), read at cols % F
         half = num_cols // 2
         up = col_block * BLOCK_COLS >= half
