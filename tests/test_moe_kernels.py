@@ -96,9 +96,9 @@ def padded(plan, cols: int, gen: torch.Generator, device, dtype=torch.bfloat16) 
 
 
 CASES = {  # name: (tokens, experts, k, experts never chosen)
-    "k2_ragged": (70, 5, 2, (3,)),
-    "k3_empty_experts": (50, 7, 3, (0, 4)),
-    "k1": (45, 4, 1, (2,)),
+    "k2_ragged": (40, 5, 2, (3,)),
+    "k3_empty_experts": (30, 6, 3, (0, 4)),
+    "k1": (40, 4, 1, (2,)),
 }
 
 # ---- comparisons ------------------------------------------------------------------------------------------
@@ -268,11 +268,11 @@ def check_block(ids: torch.Tensor, e: int, x_dtype: torch.dtype, device, backend
             assert sqnr_db(w.double().cpu(), g.double().cpu()) >= min_db, (precision, i, sqnr_db(w.cpu(), g.cpu()))
 
 
-def _problem(name: str, device, x_dtype=torch.float32, scale: int = 1):
+def _problem(name: str, device, x_dtype=torch.float32, scale: int = 1, d: int = 128):
     t, e, k, empty = CASES[name]
     gen = torch.Generator().manual_seed(len(name))
     ids = expert_ids(t * scale, e, k, gen, empty).to(device)
-    return ids, e, tokens(t * scale, 256, gen, x_dtype, device), combine_weights(ids, gen, torch.float32, device)
+    return ids, e, tokens(t * scale, d, gen, x_dtype, device), combine_weights(ids, gen, torch.float32, device)
 
 
 # ---- CPU: the kernels under the Triton interpreter, in a child process per check ----------------------------
@@ -288,7 +288,7 @@ def _interpreter_setup() -> None:
 
 
 def interpreted_dispatch() -> None:
-    for name, dtype in (("k2_ragged", torch.float32), ("k3_empty_experts", torch.bfloat16), ("k1", torch.float32)):
+    for name, dtype in (("k3_empty_experts", torch.bfloat16), ("k1", torch.float32)):  # k = 2: combine_backward
         ids, e, x, _ = _problem(name, "cpu", dtype)
         check_dispatch(x, ids, e, interpreter=True)
 
@@ -315,7 +315,7 @@ def interpreted_swiglu_backward() -> None:
 def interpreted_combine_and_undispatch() -> None:
     for name in CASES:
         ids, e, _, c = _problem(name, "cpu")
-        check_combine_and_undispatch(ids, e, 256, c)
+        check_combine_and_undispatch(ids, e, 128, c)
     ids, e, _, c = _problem("k2_ragged", "cpu")
     check_combine_and_undispatch(ids, e, 128, c.bfloat16())
 
@@ -443,13 +443,13 @@ def test_passes_are_chosen_by_device_backend_and_setting(monkeypatch):
 @pytest.mark.parametrize("name", CASES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_exact_passes_on_the_gpu(name, dtype):
-    ids, e, x, c = _problem(name, "cuda", dtype, scale=20)
+    ids, e, x, c = _problem(name, "cuda", dtype, scale=20, d=384)
     poison_allocator()
     check_dispatch(x, ids, e)
     poison_allocator()
     check_combine_backward(x, c.to(dtype), ids, e)
     poison_allocator()
-    check_combine_and_undispatch(ids, e, 256, c.to(dtype))
+    check_combine_and_undispatch(ids, e, 384, c.to(dtype))
 
 
 @gpu
