@@ -16,13 +16,14 @@ from a source, so NaN in a GEMM result's padding cannot leak):
 - :func:`combine_backward`: dy (T, D), c (T, k) -> d_out (Mp, D) = ``c[a] * dy[a // k]`` at a =
   ``row_assignment[p]``, one fp32 product (SCALED_GATHER);
 - :func:`swiglu_backward`: h (Mp, 2F), da (Mp, F) -> dh (Mp, 2F) = [da u silu'(g) | da silu(g)] in fp32
-  (SWIGLU_BACKWARD: each tile of F columns writes both halves).
+  (SWIGLU_BACKWARD: a tile of either half reads the same columns of h and da).
 
 Each writes, with ``fp8=True``, the rowwise pair ``(q (Mp, C) e4m3, s (C/128, Mp) fp32)`` if ``rowwise``,
 then the token-tile pair ``(qt (C * Mp,) e4m3, st (Mp/128, C) fp32)`` if ``token_tiles`` (the layouts of
 :mod:`fp8moe.kernels.quantize`; the recipe of :mod:`fp8moe.recipe`, tiny-value rule included, applied to the
 fp32 value), as a tuple; with ``fp8=False`` one (Mp, C) bf16 tensor, the fp32 value rounded to bf16
-(unflushed: the bf16 GEMMs' operand, ``precision="bf16"``).
+(unflushed, as the pieces' ``.to(bfloat16)``: the bf16 GEMMs' rows and token tiles, ``precision="bf16"``).
+A padded pass with no GEMM operand needed is not called (fp8: at least one of rowwise, token_tiles).
 
 Token passes (no atomics: each output element is summed by one thread in slot order j = 0..k-1):
 
