@@ -36,10 +36,11 @@ Bits. Where the arithmetic is the pieces' (the gathers, ``c * dy``, the slot-ord
 quantization), the kernels give the pieces' bits on a GPU: every fp32 product and sum is a separately
 rounded ``mul.rn``/``add.rn`` (explicit rounding modes are never contracted into an FMA; no ``.ftz``),
 under the interpreter the plain operations (NumPy's IEEE fp32). Not bit-exact, by design: silu and
-sigmoid (Triton's ``exp`` and fp32 division, a few ulp from torch's; so a, dh and their codes, an e4m3
-code apart where the value sits at a rounding boundary) and d_c (a dot product over D: partial sums of
-BLOCK_D columns in a tree, then in column-block order; deterministic for a given Triton build, not
-torch's order).
+sigmoid (Triton's ``exp`` and fp32 division, a few ulp from torch's, and the division flushes subnormal
+quotients on a GPU; so a, dh and their codes, an e4m3 code apart where the value sits at a rounding
+boundary, and subnormal bf16 outputs of the SwiGLU passes, which may be zeros) and d_c (a dot product
+over D: partial sums of BLOCK_D columns in a tree, then in column-block order; deterministic for a given
+Triton build, not torch's order).
 """
 
 from __future__ import annotations
