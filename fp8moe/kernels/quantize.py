@@ -55,6 +55,12 @@ issue rate, which a plain ``div_rn`` per element and byte-wise transposes exceed
   an SM, so that one CTA's loads are in flight while another computes; the one-read 128x128 token tile
   also runs at 4 warps, where each thread's per-tile work (scales and reciprocals of its rows and
   columns) is shared by the most elements.
+- *Sources.* The token kernel reads the value it quantizes through a constexpr source mode (see
+  :func:`_source_rows`): GATHER, rows of x through a row map and a divisor (``padded_to_row`` for
+  :func:`quantize_tokens`; the fused MoE block's dispatch uses its plan's ``row_assignment`` and k), and
+  the fused MoE block's passes computed in fp32 on the fly (``c * dy``, SwiGLU and its backward; see
+  :mod:`fp8moe.kernels.moe`). The same kernel can instead write its value unquantized as one plain
+  (bf16) tensor (PLAIN).
 
 Measured on the CPU only (sm_90 code from Triton 3.6 read with ptxas/cuobjdump): ~23 instructions an
 element for both token layouts at 4 warps, ~13 for rowwise only, ~17 for token tiles only, ~13 for a
@@ -113,11 +119,21 @@ _INF = tl.constexpr(float("inf"))
 
 
 @triton.jit
+def _flush(x, PTX: tl.constexpr):
+    """fp32 x with ``|v| < 2^-126`` (subnormals, -0) replaced by +0, the recipe's first step; NaN stays NaN.
+    PTX: ``add.ftz`` of +0 (flush-to-zero keeps the sign of a subnormal, and -0 + +0 is +0)."""
+    if PTX:
+        return tl.inline_asm_elementwise(
+            "add.ftz.f32 $0, $1, 0f00000000;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return tl.where(tl.abs(x) < _MIN_NORMAL, 0.0, x)
+
+
+@triton.jit
 def _load_flushed(ptrs, mask, PTX: tl.constexpr):
-    """``tl.load(ptrs, mask, other=0)`` (mask None: unmasked) in fp32 with ``|v| < 2^-126`` (subnormals,
-    -0) replaced by +0, the recipe's first step; NaN stays NaN. PTX: ``add.ftz`` of +0 (flush-to-zero keeps
-    the sign of a subnormal, and -0 + +0 is +0), for bf16 input fused with the widening of each register's
-    pair of bf16 values (a shift and a mask)."""
+    """``tl.load(ptrs, mask, other=0)`` (mask None: unmasked) in fp32, :func:`_flush`-ed. PTX and bf16
+    input: the flush fused with the widening of each register's pair of bf16 values (a shift and a mask)."""
     if mask is None:
         x = tl.load(ptrs)
     else:
@@ -134,13 +150,53 @@ def _load_flushed(ptrs, mask, PTX: tl.constexpr):
                 pack=2,
             )
         else:
-            x = tl.inline_asm_elementwise(
-                "add.ftz.f32 $0, $1, 0f00000000;", "=r,r", [x.to(tl.float32)], dtype=tl.float32, is_pure=True, pack=1
-            )
+            x = _flush(x.to(tl.float32), PTX)
     else:
-        x = x.to(tl.float32)
-        x = tl.where(tl.abs(x) < _MIN_NORMAL, 0.0, x)
+        x = _flush(x.to(tl.float32), PTX)
     return x
+
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr, PTX: tl.constexpr):
+    """x (fp32, or already of ``dtype``: returned as is) rounded to ``dtype`` to nearest even (torch's
+    ``.to``). Portable form for bf16: the rounding done on the fp32 bit pattern (NaN: 0x7FC0), as the Triton
+    interpreter's own conversion to bf16 truncates; on a GPU Triton's conversion (``cvt.rn``)."""
+    if x.dtype == dtype:
+        y = x
+    elif PTX:
+        y = x.to(dtype)
+    elif dtype == tl.bfloat16:
+        x = x.to(tl.float32)
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = tl.where(x != x, 0x7FC0, rounded)
+        y = rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        y = x.to(dtype)
+    return y
+
+
+@triton.jit
+def _mul_rn(a, b, PTX: tl.constexpr):
+    """fp32 ``a * b`` rounded once, never contracted with a following add into an FMA (PTX: ``mul.rn.f32``:
+    an explicit rounding mode is never contracted; no ``.ftz``: subnormals kept, as torch). Broadcasts."""
+    if PTX:
+        return tl.inline_asm_elementwise(
+            "mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return a * b
+
+
+@triton.jit
+def _add_rn(a, b, PTX: tl.constexpr):
+    """fp32 ``a + b`` rounded once, never contracted with a preceding multiply (PTX: ``add.rn.f32``)."""
+    if PTX:
+        return tl.inline_asm_elementwise(
+            "add.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return a + b
 
 
 @triton.jit
@@ -340,23 +396,99 @@ def _token_configs() -> list[triton.Config]:
 
 
 def _fitting_token_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Autotune prune: the tile shapes for the requested outputs: rowwise only 32 or 64 rows x 128 columns,
-    token tiles only 128 rows x 64 columns, both 128x128."""
-    rowwise, tiles = kwargs["ROWWISE"], kwargs["TOKEN_TILES"]
+    """Autotune prune: the tile shapes for the requested outputs: rowwise only (or a plain output) 32 or 64
+    rows x 128 columns, token tiles only 128 rows x 64 columns, both 128x128."""
+    rowwise, tiles = kwargs["ROWWISE"] or kwargs["PLAIN"], kwargs["TOKEN_TILES"]
     rows = (BLOCK,) if tiles else (32, 64)
     return [c for c in configs if (c.kwargs["BLOCK_COLS"] == BLOCK) == rowwise and c.kwargs["BLOCK_ROWS"] in rows]
 
 
-@triton.autotune(
-    configs=_token_configs(),
-    key=["num_cols", "ROWWISE", "TOKEN_TILES"],
-    prune_configs_by={"early_config_prune": _fitting_token_configs},
-)
+# Source modes of the token kernel: what padded row p, column c of the value it quantizes is (m = row_map[p];
+# the row is padding, value 0, where m < 0; see :func:`_source_rows`).
+GATHER, SCALED_GATHER, SWIGLU, SWIGLU_BACKWARD = 0, 1, 2, 3
+_GATHER, _SCALED_GATHER, _SWIGLU, _SWIGLU_BACKWARD = (tl.constexpr(v) for v in range(4))
+
+
 @triton.jit
-def _quantize_tokens_kernel(
+def _silu_parts(g):
+    """(sigmoid(g), silu(g)) of fp32 g: ``1 / (1 + exp(-g))`` and ``g / (1 + exp(-g))``, torch's formulas,
+    with Triton's ``exp`` and fp32 division (on a GPU ``ex2.approx`` and ``div.full``: a few ulp from
+    torch's; NumPy's fp32 ``exp`` and IEEE division under the interpreter)."""
+    d = 1.0 + tl.exp(-g)
+    return 1.0 / d, g / d
+
+
+@triton.jit
+def _source_rows(
     x_ptr,
     stride_x,
-    padded_to_row_ptr,
+    y_ptr,
+    stride_y,
+    row_map_ptr,
+    prow,
+    cols,
+    half,
+    up,
+    SOURCE: tl.constexpr,
+    DIVISOR: tl.constexpr,
+    PLAIN: tl.constexpr,
+    PTX: tl.constexpr,
+):
+    """Rows prow (R',) x columns cols (C',) of the token kernel's value in fp32 (PLAIN GATHER: in x's dtype),
+    for ``m = row_map[prow]``; rows with m < 0 are never read and hold +0. :func:`_flush`-ed (the recipe's
+    first step) unless PLAIN.
+
+    - GATHER: ``x[m // DIVISOR, c]`` (x any float dtype);
+    - SCALED_GATHER: ``y[m] * x[m // DIVISOR, c]``, one fp32 product (:func:`_mul_rn`; y: flat factors);
+    - SWIGLU: ``silu(g) * u``, ``g = x[p, c]``, ``u = x[p, half + c]`` (x: h, gate | up);
+    - SWIGLU_BACKWARD: dh's gate half ``da * u * (sig * (1 + g * (1 - sig)))``, or where ``up`` (a runtime
+      bool) its up half ``da * (g * sig)``; ``sig = sigmoid(g)``, g and u as SWIGLU, ``da = y[p, c]``
+      (torch's order of operations).
+    """
+    m = tl.load(row_map_ptr + prow)
+    valid = m >= 0
+    if SOURCE <= _SCALED_GATHER:  # GATHER or SCALED_GATHER
+        src = m
+        if DIVISOR > 1:
+            src = m // DIVISOR
+        ptrs = x_ptr + src.to(tl.int64)[:, None] * stride_x + cols[None, :]
+        if SOURCE == _SCALED_GATHER:
+            v = tl.load(ptrs, mask=valid[:, None], other=0.0).to(tl.float32)
+            v = _mul_rn(tl.load(y_ptr + m, mask=valid, other=0.0).to(tl.float32)[:, None], v, PTX)
+            if not PLAIN:
+                v = _flush(v, PTX)
+        elif PLAIN:
+            v = tl.load(ptrs, mask=valid[:, None], other=0.0)  # x's dtype: rounded only if the output's differs
+        else:
+            v = _load_flushed(ptrs, valid[:, None], PTX)
+    else:
+        ptrs = x_ptr + prow.to(tl.int64)[:, None] * stride_x + cols[None, :]
+        g = tl.load(ptrs, mask=valid[:, None], other=0.0).to(tl.float32)
+        sig, silu = _silu_parts(g)
+        if SOURCE == _SWIGLU:
+            v = silu * tl.load(ptrs + half, mask=valid[:, None], other=0.0).to(tl.float32)
+        else:
+            da_ptrs = y_ptr + prow.to(tl.int64)[:, None] * stride_y + cols[None, :]
+            da = tl.load(da_ptrs, mask=valid[:, None], other=0.0).to(tl.float32)
+            if up:
+                v = da * (g * sig)
+            else:
+                u = tl.load(ptrs + half, mask=valid[:, None], other=0.0).to(tl.float32)
+                v = da * u * (sig * (1.0 + g * (1.0 - sig)))
+        if not PLAIN:
+            v = _flush(v, PTX)
+    return v
+
+
+@triton.jit
+def _store_tile(
+    x0,
+    x1,
+    x2,
+    x3,
+    first,
+    row_block,
+    col_block,
     row_expert_ptr,
     padded_starts_ptr,
     padded_sizes_ptr,
@@ -367,69 +499,158 @@ def _quantize_tokens_kernel(
     s_ptr,
     qt_words_ptr,
     st_ptr,
+    out_ptr,
     ROWWISE: tl.constexpr,
     TOKEN_TILES: tl.constexpr,
+    PLAIN: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_COLS: tl.constexpr,
     PTX: tl.constexpr,
 ):
-    """One BLOCK_ROWS x BLOCK_COLS tile of the padded layout, read once from x (M, C) through
-    ``padded_to_row`` (padding rows read as 0). A 1-D grid, column blocks fastest: consecutive CTAs read
-    neighbouring spans of the same rows.
+    """Write the tile of padded rows ``[first, first + BLOCK_ROWS)``, columns of block col_block, given as
+    its four sub-tiles x0..x3 (fp32 and flushed, or for PLAIN of any float dtype; sub-tile a holds rows
+    ``first + 4 b + a``):
+    PLAIN: as out's dtype into out (Mp, C); ROWWISE and/or TOKEN_TILES: quantized into those layouts (see
+    :func:`_quantize_tokens_kernel`)."""
+    b = tl.arange(0, BLOCK_ROWS // 4)
+    cols = col_block * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    rows = first + 4 * b  # sub-tile a holds padded rows 4 b + a
+    if PLAIN:
+        o_ptrs = out_ptr + rows.to(tl.int64)[:, None] * num_cols + cols[None, :]
+        tl.store(o_ptrs, _cast(x0, out_ptr.dtype.element_ty, PTX))
+        tl.store(o_ptrs + num_cols, _cast(x1, out_ptr.dtype.element_ty, PTX))
+        tl.store(o_ptrs + 2 * num_cols, _cast(x2, out_ptr.dtype.element_ty, PTX))
+        tl.store(o_ptrs + 3 * num_cols, _cast(x3, out_ptr.dtype.element_ty, PTX))
+    else:
+        x = _join4(x0, x1, x2, x3)
+
+        if ROWWISE:
+            amax = _join4(_row_amax(x0), _row_amax(x1), _row_amax(x2), _row_amax(x3))
+            s_ptrs = s_ptr + col_block * num_padded_rows + _join4(rows, rows + 1, rows + 2, rows + 3)
+            q_ptrs = q_ptr + rows.to(tl.int64)[:, None] * num_cols + cols[None, :]
+            if _all_fast(amax):
+                _rowwise(x, amax, q_ptrs, num_cols, s_ptrs, True)
+            else:
+                _rowwise(x, amax, q_ptrs, num_cols, s_ptrs, False)
+
+        if TOKEN_TILES:
+            amax = _col_amax(x0, x1, x2, x3)
+            s_ptrs = st_ptr + row_block * num_cols + cols
+            # The K-major block this token block lies in: its group's (the block's first row is a real row of
+            # it), or the tail block past the last group.
+            group = tl.load(row_expert_ptr + first)
+            is_tail = group < 0
+            group = tl.where(is_tail, num_groups - 1, group)
+            start = tl.load(padded_starts_ptr + group)
+            length = tl.load(padded_sizes_ptr + group)
+            tail_start = start + length
+            start = tl.where(is_tail, tail_start, start)
+            length = tl.where(is_tail, num_padded_rows - tail_start, length)
+            # Element C * start + c * length + (first - start) + t, in words (every term is a multiple of 128);
+            # word b of a column holds its tokens 4b .. 4b+3.
+            base = tl.multiple_of((start.to(tl.int64) * num_cols + (first - start)) // 4, 32)
+            length_words = tl.multiple_of(length // 4, 32)
+            qt_ptrs = qt_words_ptr + base + cols.to(tl.int64)[:, None] * length_words + b[None, :]
+            if _all_fast(amax):
+                _token_tiles(x, amax, qt_ptrs, s_ptrs, True, PTX)
+            else:
+                _token_tiles(x, amax, qt_ptrs, s_ptrs, False, PTX)
+
+
+@triton.autotune(
+    configs=_token_configs(),
+    key=["num_cols", "SOURCE", "DIVISOR", "ROWWISE", "TOKEN_TILES", "PLAIN"],
+    prune_configs_by={"early_config_prune": _fitting_token_configs},
+)
+@triton.jit
+def _quantize_tokens_kernel(
+    x_ptr,
+    stride_x,
+    y_ptr,
+    stride_y,
+    row_map_ptr,
+    row_expert_ptr,
+    padded_starts_ptr,
+    padded_sizes_ptr,
+    num_groups,
+    num_padded_rows,
+    num_cols,
+    q_ptr,
+    s_ptr,
+    qt_words_ptr,
+    st_ptr,
+    out_ptr,
+    SOURCE: tl.constexpr,
+    DIVISOR: tl.constexpr,
+    ROWWISE: tl.constexpr,
+    TOKEN_TILES: tl.constexpr,
+    PLAIN: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
+    PTX: tl.constexpr,
+):
+    """One BLOCK_ROWS x BLOCK_COLS tile of the padded layout (Mp rows, C = num_cols output columns), its
+    value read once from the sources by SOURCE (:func:`_source_rows`; ``row_map`` (Mp,) int32/int64: -1 on
+    padding rows, which are written as zeros). A 1-D grid, column blocks fastest: consecutive CTAs read
+    neighbouring spans of the same rows. A SWIGLU_BACKWARD tile is one of dh's gate half or of its up half;
+    both read the same columns of h and da (the second read mostly from L2: the two tiles are C/2 columns,
+    a few CTAs, apart; one CTA computing both halves spills).
 
     ROWWISE (BLOCK_COLS == 128): q (Mp, C) e4m3 and s (C/128, Mp) fp32. TOKEN_TILES (BLOCK_ROWS == 128): the
-    flat K-major codes through their int32 view qt_words (C * Mp / 4,) and st (Mp/128, C) fp32. The tile is
-    four sub-tiles of BLOCK_ROWS/4 rows, sub-tile a holding rows 4 b + a (module docstring).
+    flat K-major codes through their int32 view qt_words (C * Mp / 4,) and st (Mp/128, C) fp32. PLAIN (alone):
+    out (Mp, C) in its dtype, unquantized (and unflushed). The tile is four sub-tiles of BLOCK_ROWS/4 rows,
+    sub-tile a holding rows 4 b + a (module docstring).
     """
     col_blocks = num_cols // BLOCK_COLS
     row_block = tl.program_id(0) // col_blocks
     col_block = tl.program_id(0) % col_blocks
     first = row_block * BLOCK_ROWS
-    b = tl.arange(0, BLOCK_ROWS // 4)
-    cols = col_block * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
-    rows = first + 4 * b  # sub-tile a holds padded rows 4 b + a
-    src0 = tl.load(padded_to_row_ptr + rows)
-    src1 = tl.load(padded_to_row_ptr + rows + 1)
-    src2 = tl.load(padded_to_row_ptr + rows + 2)
-    src3 = tl.load(padded_to_row_ptr + rows + 3)
-    x_ptrs = x_ptr + cols[None, :]
-    x0 = _load_flushed(x_ptrs + src0.to(tl.int64)[:, None] * stride_x, src0[:, None] >= 0, PTX)
-    x1 = _load_flushed(x_ptrs + src1.to(tl.int64)[:, None] * stride_x, src1[:, None] >= 0, PTX)
-    x2 = _load_flushed(x_ptrs + src2.to(tl.int64)[:, None] * stride_x, src2[:, None] >= 0, PTX)
-    x3 = _load_flushed(x_ptrs + src3.to(tl.int64)[:, None] * stride_x, src3[:, None] >= 0, PTX)
-    x = _join4(x0, x1, x2, x3)
-
-    if ROWWISE:
-        amax = _join4(_row_amax(x0), _row_amax(x1), _row_amax(x2), _row_amax(x3))
-        s_ptrs = s_ptr + col_block * num_padded_rows + _join4(rows, rows + 1, rows + 2, rows + 3)
-        q_ptrs = q_ptr + rows.to(tl.int64)[:, None] * num_cols + cols[None, :]
-        if _all_fast(amax):
-            _rowwise(x, amax, q_ptrs, num_cols, s_ptrs, True)
-        else:
-            _rowwise(x, amax, q_ptrs, num_cols, s_ptrs, False)
-
-    if TOKEN_TILES:
-        amax = _col_amax(x0, x1, x2, x3)
-        s_ptrs = st_ptr + row_block * num_cols + cols
-        # The K-major block this token block lies in: its group's (the block's first row is a real row of
-        # it), or the tail block past the last group.
-        group = tl.load(row_expert_ptr + first)
-        is_tail = group < 0
-        group = tl.where(is_tail, num_groups - 1, group)
-        start = tl.load(padded_starts_ptr + group)
-        length = tl.load(padded_sizes_ptr + group)
-        tail_start = start + length
-        start = tl.where(is_tail, tail_start, start)
-        length = tl.where(is_tail, num_padded_rows - tail_start, length)
-        # Element C * start + c * length + (first - start) + t, in words (every term is a multiple of 128);
-        # word b of a column holds its tokens 4b .. 4b+3.
-        base = tl.multiple_of((start.to(tl.int64) * num_cols + (first - start)) // 4, 32)
-        length_words = tl.multiple_of(length // 4, 32)
-        qt_ptrs = qt_words_ptr + base + cols.to(tl.int64)[:, None] * length_words + b[None, :]
-        if _all_fast(amax):
-            _token_tiles(x, amax, qt_ptrs, s_ptrs, True, PTX)
-        else:
-            _token_tiles(x, amax, qt_ptrs, s_ptrs, False, PTX)
+    rows = first + 4 * tl.arange(0, BLOCK_ROWS // 4)
+    src_cols = col_block * BLOCK_COLS + tl.arange(0, BLOCK_COLS)  # the columns read (written: _store_tile)
+    half = num_cols  # where the up half of h starts (SWIGLU)
+    up = False
+    if SOURCE == _SWIGLU_BACKWARD:  # a tile of dh's gate half or of its up half (CTA-uniform), read at cols % F
+        half = num_cols // 2
+        up = col_block * BLOCK_COLS >= half
+        src_cols = (col_block * BLOCK_COLS) % half + tl.arange(0, BLOCK_COLS)
+    x0 = _source_rows(
+        x_ptr, stride_x, y_ptr, stride_y, row_map_ptr, rows, src_cols, half, up, SOURCE, DIVISOR, PLAIN, PTX
+    )
+    x1 = _source_rows(
+        x_ptr, stride_x, y_ptr, stride_y, row_map_ptr, rows + 1, src_cols, half, up, SOURCE, DIVISOR, PLAIN, PTX
+    )
+    x2 = _source_rows(
+        x_ptr, stride_x, y_ptr, stride_y, row_map_ptr, rows + 2, src_cols, half, up, SOURCE, DIVISOR, PLAIN, PTX
+    )
+    x3 = _source_rows(
+        x_ptr, stride_x, y_ptr, stride_y, row_map_ptr, rows + 3, src_cols, half, up, SOURCE, DIVISOR, PLAIN, PTX
+    )
+    _store_tile(
+        x0,
+        x1,
+        x2,
+        x3,
+        first,
+        row_block,
+        col_block,
+        row_expert_ptr,
+        padded_starts_ptr,
+        padded_sizes_ptr,
+        num_groups,
+        num_padded_rows,
+        num_cols,
+        q_ptr,
+        s_ptr,
+        qt_words_ptr,
+        st_ptr,
+        out_ptr,
+        ROWWISE,
+        TOKEN_TILES,
+        PLAIN,
+        BLOCK_ROWS,
+        BLOCK_COLS,
+        PTX,
+    )
 
 
 # ---- weights -----------------------------------------------------------------------------------------------
@@ -564,38 +785,73 @@ def quantize_tokens(
             raise TypeError(f"{flag}: expected a bool, got {type(value).__name__}")
     if not (rowwise or token_tiles):
         raise ValueError("rowwise, token_tiles: expected at least one output layout, got both False")
-    mp, cols = layout.num_padded_rows, x.shape[1]
-    q = x.new_empty((mp, cols), dtype=FP8_DTYPE) if rowwise else None  # None: compiled out of the kernel
-    s = x.new_empty((cols // BLOCK, mp), dtype=torch.float32) if rowwise else None
+    return _padded_pass(
+        GATHER, x, None, layout.padded_to_row, layout, x.shape[1], rowwise, token_tiles, token_tiles_out=token_tiles_out
+    )
+
+
+def _padded_pass(
+    source: int,
+    x: Tensor,
+    y: Tensor | None,
+    row_map: Tensor,
+    layout: GroupLayout,
+    num_cols: int,
+    rowwise: bool,
+    token_tiles: bool,
+    plain: torch.dtype | None = None,
+    divisor: int = 1,
+    token_tiles_out: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, ...]:
+    """The token kernel in source mode ``source`` (GATHER, SCALED_GATHER, SWIGLU, SWIGLU_BACKWARD; see
+    :func:`_source_rows`): the (Mp, num_cols) value of the padded layout read once from x (and y), written
+    as the rowwise pair and/or the token-tile pair (as :func:`quantize_tokens` returns them), or, with
+    ``plain`` a dtype, as one (Mp, num_cols) tensor of that dtype (unquantized; then rowwise and
+    token_tiles are ignored). ``row_map`` (Mp,) int32/int64 on x's device: -1 on padding rows. Arguments
+    are the caller's to check (x, y: unit column stride; num_cols a multiple of 128, of 256 for
+    SWIGLU_BACKWARD)."""
+    mp = layout.num_padded_rows
+    rowwise, token_tiles = rowwise and plain is None, token_tiles and plain is None
+    out = x.new_empty((mp, num_cols), dtype=plain) if plain is not None else None
+    q = x.new_empty((mp, num_cols), dtype=FP8_DTYPE) if rowwise else None  # None: compiled out of the kernel
+    s = x.new_empty((num_cols // BLOCK, mp), dtype=torch.float32) if rowwise else None
     if token_tiles and token_tiles_out is not None:  # the caller's buffers (the JAX bridge's residuals)
-        qt = check_out("token_tiles_out[0]", token_tiles_out[0], (cols * mp,), FP8_DTYPE, x.device)
-        st = check_out("token_tiles_out[1]", token_tiles_out[1], (mp // BLOCK, cols), torch.float32, x.device)
+        qt = check_out("token_tiles_out[0]", token_tiles_out[0], (num_cols * mp,), FP8_DTYPE, x.device)
+        st = check_out("token_tiles_out[1]", token_tiles_out[1], (mp // BLOCK, num_cols), torch.float32, x.device)
     else:
-        qt = x.new_empty((cols * mp,), dtype=FP8_DTYPE) if token_tiles else None
-        st = x.new_empty((mp // BLOCK, cols), dtype=torch.float32) if token_tiles else None
-    if mp and cols:
+        qt = x.new_empty((num_cols * mp,), dtype=FP8_DTYPE) if token_tiles else None
+        st = x.new_empty((mp // BLOCK, num_cols), dtype=torch.float32) if token_tiles else None
+    if mp and num_cols:
 
         def grid(meta: dict) -> tuple[int]:
-            return ((mp // meta["BLOCK_ROWS"]) * (cols // meta["BLOCK_COLS"]),)
+            return ((mp // meta["BLOCK_ROWS"]) * (num_cols // meta["BLOCK_COLS"]),)
 
         direct(_quantize_tokens_kernel)[grid](
             x,
             x.stride(0),
-            layout.padded_to_row,
+            y,
+            y.stride(0) if y is not None else 0,
+            row_map,
             layout.row_expert,
             layout.padded_starts,
             layout.padded_sizes,
             layout.num_groups,
             mp,
-            cols,
+            num_cols,
             q,
             s,
             qt.view(torch.int32) if token_tiles else None,
             st,
+            out,
+            SOURCE=source,
+            DIVISOR=divisor,
             ROWWISE=rowwise,
             TOKEN_TILES=token_tiles,
+            PLAIN=plain is not None,
             PTX=_ptx(x),
         )
+    if out is not None:
+        return (out,)
     return tuple(t for t in (q, s, qt, st) if t is not None)
 
 

@@ -17,9 +17,12 @@ whose gradients are needed run or are saved; a forward without gradients saves n
 ``precision="bf16"`` runs the same plan and the same dispatch / SwiGLU / combine code with bf16 operands
 and ``torch._grouped_mm`` on the padded layout, so the two precisions differ only in the GEMMs.
 
-Phase 1: the memory passes are the pure-torch functions of :mod:`fp8moe.moe.pieces` on every backend
-(correct on any device; the Triton kernels that fuse them are still to come); the GEMMs are the backend's.
-h is kept for the backward (not recomputed).
+The memory passes (dispatch, SwiGLU, combine and their backwards, each fused with the quantization of the
+GEMM operand it feeds) run as the Triton kernels of :mod:`fp8moe.kernels.moe` on CUDA tensors (both
+precisions; not with ``backend="reference"``), and as the pure-torch functions of :mod:`fp8moe.moe.pieces`
+(their ground truth) everywhere else (:data:`PASSES` overrides the choice). The kernels give the pieces'
+bits except for silu/sigmoid (a few ulp apart, so a and dh, and their FP8 codes at rounding boundaries)
+and d_c's summation order. The GEMMs are the backend's. h is kept for the backward (not recomputed).
 """
 
 from __future__ import annotations
@@ -41,9 +44,19 @@ from fp8moe.recipe import BLOCK, FP8_DTYPE
 PRECISIONS = ("bf16", "fp8")
 _FLOAT_DTYPES = (torch.bfloat16, torch.float32)
 
+#: Which implementation runs the block's memory passes: ``"auto"`` (the Triton kernels of
+#: :mod:`fp8moe.kernels.moe` for CUDA tensors unless the backend is ``"reference"``, the pieces of
+#: :mod:`fp8moe.moe.pieces` otherwise), ``"kernels"`` (the Triton kernels on any device: on CPU under
+#: ``TRITON_INTERPRET=1``, for tests) or ``"pieces"``. Read once per forward and once per backward.
+PASSES = "auto"
+_PASSES = ("auto", "kernels", "pieces")
+
 
 class _Fp8Gemms:
-    """The backend's providers on the padded layout; operands quantized by :func:`pieces.quantize_padded`."""
+    """The backend's providers on the padded layout; operands quantized by :func:`pieces.quantize_padded`
+    (on the pieces' path)."""
+
+    fp8 = True
 
     def __init__(self, key: str, cache_weight: bool) -> None:
         self.key, self.impl, self.cache_weight = key, load_backend(key), cache_weight
@@ -77,6 +90,8 @@ class _Fp8Gemms:
 class _Bf16Gemms:
     """bf16 operands and ``torch._grouped_mm`` on the padded layout (groups end at the padded ends)."""
 
+    fp8, key = False, ""
+
     def weight(self, w: Tensor, transposed: bool) -> tuple[Tensor, Tensor | None]:
         wb = w.to(torch.bfloat16)
         return wb.transpose(1, 2), (wb if transposed else None)
@@ -100,23 +115,103 @@ class _Bf16Gemms:
         return lambda d, a, dtype: torch._grouped_mm(d.T, a, offs=ends).to(dtype)
 
 
+class _PiecesPasses:
+    """The memory passes in torch (:mod:`pieces`), operands through ``gemms.operands``. Each operand method
+    returns (rows operand or None, token-tile operand or None)."""
+
+    def __init__(self, gemms) -> None:
+        self.operands = gemms.operands
+
+    def dispatch(self, x: Tensor, plan: RoutingPlan, rows: bool, tiles: bool):
+        return self.operands(pieces.dispatch(x, plan), plan.layout, rows, tiles)
+
+    def swiglu(self, h: Tensor, valid: Tensor, plan: RoutingPlan, rows: bool, tiles: bool):
+        return self.operands(pieces.swiglu(h, valid), plan.layout, rows, tiles)
+
+    def combine(self, out: Tensor, c: Tensor, plan: RoutingPlan, dtype: torch.dtype) -> Tensor:
+        return pieces.combine(out, c, plan).to(dtype)
+
+    def combine_backward(self, dy, out, c, plan: RoutingPlan, rows: bool, tiles: bool, need_dc: bool):
+        """-> (d_out rows, d_out token tiles, d_c fp32 or None)."""
+        d_out, dc = pieces.combine_backward(dy, out, c, plan, rows or tiles, need_dc)
+        ops = self.operands(d_out, plan.layout, rows, tiles) if rows or tiles else (None, None)
+        return (*ops, dc)
+
+    def swiglu_backward(self, h: Tensor, da: Tensor, valid: Tensor, plan: RoutingPlan, rows: bool, tiles: bool):
+        return self.operands(pieces.swiglu_backward(h, da, valid), plan.layout, rows, tiles)
+
+    def undispatch(self, dxs: Tensor, plan: RoutingPlan, dtype: torch.dtype) -> Tensor:
+        return pieces.undispatch(dxs, plan).to(dtype)
+
+
+class _KernelPasses:
+    """The same passes as :class:`_PiecesPasses` through the Triton kernels of :mod:`fp8moe.kernels.moe`,
+    writing FP8 operands (``fp8``) or bf16 ones (the bf16 GEMMs' rows and token tiles are one tensor)."""
+
+    def __init__(self, fp8: bool) -> None:
+        from fp8moe.kernels import moe as kernels
+
+        self.kernels, self.fp8 = kernels, fp8
+
+    def _split(self, result, rows: bool, tiles: bool):
+        if not self.fp8:
+            return (result if rows else None), (result if tiles else None)
+        return (tuple(result[:2]) if rows else None), (tuple(result[-2:]) if tiles else None)
+
+    def dispatch(self, x: Tensor, plan: RoutingPlan, rows: bool, tiles: bool):
+        return self._split(self.kernels.dispatch(x, plan, rowwise=rows, token_tiles=tiles, fp8=self.fp8), rows, tiles)
+
+    def swiglu(self, h: Tensor, valid: Tensor, plan: RoutingPlan, rows: bool, tiles: bool):
+        return self._split(self.kernels.swiglu(h, plan, rowwise=rows, token_tiles=tiles, fp8=self.fp8), rows, tiles)
+
+    def combine(self, out: Tensor, c: Tensor, plan: RoutingPlan, dtype: torch.dtype) -> Tensor:
+        return self.kernels.combine(out, c, plan, dtype)
+
+    def combine_backward(self, dy, out, c, plan: RoutingPlan, rows: bool, tiles: bool, need_dc: bool):
+        ops = (None, None)
+        if rows or tiles:
+            d_out = self.kernels.combine_backward(dy, c, plan, rowwise=rows, token_tiles=tiles, fp8=self.fp8)
+            ops = self._split(d_out, rows, tiles)
+        return (*ops, self.kernels.combine_weight_grad(dy, out, plan) if need_dc else None)
+
+    def swiglu_backward(self, h: Tensor, da: Tensor, valid: Tensor, plan: RoutingPlan, rows: bool, tiles: bool):
+        dh = self.kernels.swiglu_backward(h, da, plan, rowwise=rows, token_tiles=tiles, fp8=self.fp8)
+        return self._split(dh, rows, tiles)
+
+    def undispatch(self, dxs: Tensor, plan: RoutingPlan, dtype: torch.dtype) -> Tensor:
+        return self.kernels.undispatch(dxs, plan, dtype)
+
+
+def _passes(gemms, device: torch.device):
+    """The memory passes for tensors on ``device`` with these GEMMs, by :data:`PASSES`. The kernels need to
+    know the operands the GEMMs take: GEMM objects declare ``fp8`` (FP8 pairs, or bf16 tensors) and ``key``
+    (their backend); one that does not gets the pieces, through its ``operands``."""
+    if PASSES not in _PASSES:
+        raise ValueError(f"fp8moe.moe.fused.PASSES: expected one of {_PASSES}, got {PASSES!r}")
+    fp8, key = getattr(gemms, "fp8", None), getattr(gemms, "key", "")
+    on_device = PASSES == "auto" and device.type == "cuda" and key != "reference"
+    use_kernels = fp8 is not None and (PASSES == "kernels" or on_device)
+    return _KernelPasses(fp8) if use_kernels else _PiecesPasses(gemms)
+
+
 def _block_forward(gemms, x: Tensor, w1: Tensor, w2: Tensor, c: Tensor, plan: RoutingPlan, needs: tuple[bool, ...]):
     """The forward; returns (y (T, D) in x's dtype, saved: dict of what the backward needs, empty if nothing)."""
     need_dx, need_dw1, need_dw2, need_dc = needs
     need_da = need_dx or need_dw1
     layout = plan.layout
+    passes = _passes(gemms, x.device)
     w1_op, w1_t = gemms.weight(w1, need_dx)
     w2_op, w2_t = gemms.weight(w2, need_da)
     if need_dw1 or need_dw2:
         gemms.prefetch(layout)
     valid = pieces.valid_rows(plan)
-    x_rows, x_tiles = gemms.operands(pieces.dispatch(x, plan), layout, True, need_dw1)
+    x_rows, x_tiles = passes.dispatch(x, plan, True, need_dw1)
     h = gemms.mm(x_rows, w1_op, layout)
     del x_rows
-    a_rows, a_tiles = gemms.operands(pieces.swiglu(h, valid), layout, True, need_dw2)
+    a_rows, a_tiles = passes.swiglu(h, valid, plan, True, need_dw2)
     out = gemms.mm(a_rows, w2_op, layout)
     del a_rows
-    y = pieces.combine(out, c, plan).to(x.dtype)
+    y = passes.combine(out, c, plan, x.dtype)
     saved = {}
     if any(needs):
         saved = {"valid": valid, "c": c, "x_tiles": x_tiles, "a_tiles": a_tiles, "w1_t": w1_t, "w2_t": w2_t}
@@ -129,24 +224,21 @@ def _block_backward(gemms, dy: Tensor, saved: dict, plan: RoutingPlan, needs: tu
     need_dx, need_dw1, need_dw2, need_dc = needs
     need_da = need_dx or need_dw1
     layout = plan.layout
+    passes = _passes(gemms, dy.device)
     wgrad = gemms.wgrad(layout) if need_dw1 or need_dw2 else None
     dx = dw1 = dw2 = None
-    d_out, dc = pieces.combine_backward(dy, saved["out"], saved["c"], plan, need_da or need_dw2, need_dc)
+    do_rows, do_tiles, dc = passes.combine_backward(dy, saved["out"], saved["c"], plan, need_da, need_dw2, need_dc)
     if need_da or need_dw2:
-        do_rows, do_tiles = gemms.operands(d_out, layout, need_da, need_dw2)
-        del d_out
         da = gemms.mm(do_rows, saved["w2_t"], layout) if need_da else None
         del do_rows
         if need_dw2:
             dw2 = wgrad(do_tiles, saved["a_tiles"], dtypes[2])
         del do_tiles
         if need_da:
-            dh = pieces.swiglu_backward(saved["h"], da, saved["valid"])
+            dh_rows, dh_tiles = passes.swiglu_backward(saved["h"], da, saved["valid"], plan, need_dx, need_dw1)
             del da
-            dh_rows, dh_tiles = gemms.operands(dh, layout, need_dx, need_dw1)
-            del dh
             if need_dx:
-                dx = pieces.undispatch(gemms.mm(dh_rows, saved["w1_t"], layout), plan).to(dtypes[0])
+                dx = passes.undispatch(gemms.mm(dh_rows, saved["w1_t"], layout), plan, dtypes[0])
             del dh_rows
             if need_dw1:
                 dw1 = wgrad(dh_tiles, saved["x_tiles"], dtypes[1])
@@ -333,4 +425,4 @@ def fused_experts(
     return _FusedExperts.apply(x, w_gate_up, w_down, combine, plan, precision, key, cache_weight)
 
 
-__all__ = ["PRECISIONS", "SavedSpec", "fused_experts", "saved_spec"]
+__all__ = ["PASSES", "PRECISIONS", "SavedSpec", "fused_experts", "saved_spec"]

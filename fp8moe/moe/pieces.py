@@ -102,6 +102,7 @@ def combine_backward(
         d_out = torch.where(valid[:, None], scale[:, None] * rows, torch.zeros((), device=dy.device))
     if need_dc:
         d_c = (gather_assignments(out, plan) * dy32[:, None, :]).sum(-1)
+        d_c = torch.where(plan.pos < out.shape[0], d_c, torch.zeros((), device=dy.device))  # also for NaN dy
     return d_out, d_c
 
 
