@@ -373,3 +373,21 @@ def test_train_moe_runs_as_a_file_from_any_folder(tmp_path):
     assert result.returncode == 2 and "--steps: expected >= 1, got 0" in result.stderr, result.stderr
     for name in ("train_moe", "_config", "_model_torch", "_model_jax", "data"):
         assert "sys.path" not in (repo / "experiments" / f"{name}.py").read_text()
+
+
+def test_bench_ep_runs_ep1_through_the_ep_path(tmp_path, capsys):
+    """One process: bench_ep starts a group of one (EP=1, the same code path as under torchrun) and reports
+    bf16 and FP8 dispatch and the one-device layer; FP8 dispatch moves fewer bytes."""
+    from experiments import bench_ep
+
+    argv = ["--tokens", "32", "--d-model", "128", "--d-ff", "128", "--experts", "4", "--top-k", "2"]
+    rows = bench_ep.main([*argv, "--backend", "reference", "--calls", "1", "--warmup", "0", "--out", str(tmp_path)])
+    assert not torch.distributed.is_initialized()  # the group it started is gone
+    by_layer = {row["layer"]: row for row in rows}
+    assert set(by_layer) == {"EP=1, bf16 dispatch", "EP=1, fp8 dispatch", "one device (all experts)"}
+    bf16, fp8 = by_layer["EP=1, bf16 dispatch"], by_layer["EP=1, fp8 dispatch"]
+    assert 0 < fp8["all_to_all_mb_moved"] < bf16["all_to_all_mb_moved"] and bf16["all_to_all_mb"] == 0
+    assert all(row["layer_ms"] > 0 and row["tokens_per_s"] > 0 for row in rows)
+    assert "| EP=1, fp8 dispatch | 0 |" in (tmp_path / "bench_ep.md").read_text()
+    assert json.loads((tmp_path / "bench_ep.json").read_text())["rows"] == rows
+    assert "bench_ep: world 1" in capsys.readouterr().out
