@@ -18,6 +18,12 @@ run, and the held-out gap of fp8 vs bf16 in percent) and ``summary.md`` (the tab
     python experiments/train_moe.py                      # all four runs at the size for this machine
     python -m experiments.train_moe                      # the same (what the first re-runs itself as)
     python experiments/train_moe.py --framework torch --precision fp8 --steps 300 --size cpu
+    torchrun --nproc-per-node 2 experiments/train_moe.py --ep 2 --size cpu      # expert parallel (gloo on CPU)
+
+``--ep N`` (torch only) trains under ``torchrun`` with the experts of every MoE layer spread over N ranks
+(``MoE(ep_group=...)``; world = N x DP, see ``experiments/_model_torch.ExpertParallel``): the same initial
+weights (the single-process model's, resharded), each rank its rows of the global batch; NCCL on GPUs, gloo
+on CPUs; rank 0 reports and writes.
 """
 
 from __future__ import annotations
@@ -34,11 +40,13 @@ if __name__ == "__main__" and not __package__:
     os.execve(sys.executable, [sys.executable, "-m", "experiments.train_moe", *sys.argv[1:]], env)
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 
 # torch and JAX share the GPU in one process: JAX must not grab 75% of it up front.
@@ -133,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
         "auto: emulated on a CPU, native on a GPU. The JAX runs always use XLA's bf16 dots",
     )
     parser.add_argument(
+        "--ep",
+        type=int,
+        help="expert parallelism over N ranks (torch only; launch with torchrun, world = N x data parallel)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         help="torch intra-op threads (default: 1 when training on a CPU, where the CPU size's small ops gain little "
@@ -144,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for flag in ("steps", "batch_size", "threads"):
+    for flag in ("steps", "batch_size", "threads", "ep"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')}: expected >= 1, got {getattr(args, flag)}")
     return args
@@ -211,7 +224,10 @@ def train(
     evals = held_out_batches(corpus.held_out, train_cfg.eval_batches, train_cfg.batch_size, seq_len)
     log.held_out.append((0, trainer.evaluate(evals)))
     run_index = f"{len(time_left.finished) + 1}/{time_left.num_runs}"
-    with tqdm(range(train_cfg.steps), desc=f"{log.name:>10} [{run_index}]", unit="step", dynamic_ncols=True) as bar:
+    bar = tqdm(
+        range(train_cfg.steps), desc=f"{log.name:>10} [{run_index}]", unit="step", dynamic_ncols=True, disable=QUIET
+    )
+    with bar:
         for step in bar:
             batch = train_batch(corpus.train, step, train_cfg.batch_size, seq_len, seed)
             t0 = time.perf_counter()
@@ -389,18 +405,64 @@ def run_configs(train_cfg: TrainConfig, frameworks: tuple[str, ...]) -> dict[str
     }
 
 
+QUIET = False  # ranks other than 0 of an --ep run: no progress bar
+
+
+@contextlib.contextmanager
+def expert_parallel(args: argparse.Namespace):
+    """``--ep N``: join the torchrun group (or, for N = 1 without torchrun, start a group of one) and yield
+    the :class:`~experiments._model_torch.ExpertParallel` groups; without ``--ep``: None."""
+    global QUIET
+    if args.ep is None:
+        yield None
+        return
+    import torch.distributed as dist
+
+    from experiments._model_torch import ExpertParallel
+
+    if args.framework == "jax":
+        build_parser().error("--ep: expert parallelism runs the torch model only")
+    args.framework = "torch"
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    backend = "nccl" if cuda else "gloo"
+    if "RANK" in os.environ:
+        dist.init_process_group(backend)
+    elif args.ep == 1:
+        dist.init_process_group(backend, init_method=f"file://{tempfile.mkdtemp()}/store", rank=0, world_size=1)
+    else:
+        build_parser().error(f"--ep {args.ep}: launch with torchrun --nproc-per-node {args.ep} (or a multiple)")
+    quiet, out = QUIET, args.out
+    try:
+        world = dist.get_world_size()
+        if world % args.ep:
+            build_parser().error(f"--ep {args.ep}: the world size {world} is not a multiple")
+        ep = ExpertParallel(args.ep)
+        if ep.rank:  # only rank 0 reports and writes
+            QUIET, args.out = True, Path(tempfile.mkdtemp())
+            with contextlib.redirect_stdout(open(os.devnull, "w")):
+                yield ep
+        else:
+            yield ep
+    finally:
+        QUIET, args.out = quiet, out
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> list[RunLog]:
     args = parse_args(argv)
     threads = torch.get_num_threads()
     try:
         if args.threads or not torch.cuda.is_available():
             torch.set_num_threads(args.threads or 1)
-        return run(args)
+        with expert_parallel(args) as ep:
+            return run(args, ep)
     finally:
         torch.set_num_threads(threads)
 
 
-def run(args: argparse.Namespace) -> list[RunLog]:
+def run(args: argparse.Namespace, ep=None) -> list[RunLog]:
     """All the runs ``args`` asks for; writes their logs, ``summary.md`` and ``loss.png``."""
     started = time.perf_counter()
     cfg, train_cfg = configs(args)
@@ -424,6 +486,10 @@ def run(args: argparse.Namespace) -> list[RunLog]:
     if "fp8" in precisions and (problem := backend_problem(args.backend, run_devices)):
         build_parser().error(problem)
     torch_bf16_math = args.bf16_math if args.bf16_math != "auto" else "emulated" if device.type == "cpu" else "native"
+    if ep is not None:
+        for framework, run_cfg in run_configs(train_cfg, frameworks).items():
+            if run_cfg.batch_size % ep.world:
+                build_parser().error(f"--ep: the batch {run_cfg.batch_size} is not divisible by the world {ep.world}")
 
     date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     out = args.out or Path(__file__).parent / "runs" / f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{args.size}"
@@ -458,7 +524,7 @@ def run(args: argparse.Namespace) -> list[RunLog]:
                 from experiments._model_torch import TorchTrainer
 
                 trainer = TorchTrainer(
-                    cfg, run_cfg, precision, args.backend, device, args.compile, args.seed, bf16_math
+                    cfg, run_cfg, precision, args.backend, device, args.compile, args.seed, bf16_math, ep
                 )
             else:
                 from experiments._model_jax import JaxTrainer
@@ -468,7 +534,10 @@ def run(args: argparse.Namespace) -> list[RunLog]:
                 # XLA's ragged_dot computes the same products there, in a few ms a step.
                 jax_precision = "bf16_ragged_dot" if precision == "bf16" and run_device.type == "cpu" else precision
                 trainer = JaxTrainer(cfg, run_cfg, jax_precision, args.backend, initial_weights(cfg, args.seed))
-            gemms = expert_gemms(precision, args.backend, run_device, bf16_math)
+            gemms = expert_gemms(precision, args.backend, run_device, bf16_math if ep is None else "native")
+            if ep is not None:  # the MoE layers run the fused block (real bf16 GEMMs in bf16)
+                dispatch = "fp8" if precision == "fp8" else "bf16"
+                gemms += f", fused, EP={ep.ep_size} x DP={ep.world // ep.ep_size}, {dispatch} dispatch"
             if framework == "jax" and precision == "bf16":
                 gemms = "bf16 (jax.lax.ragged_dot)" if run_device.type == "cpu" else "bf16 (jax_bridge.grouped_mm_bf16)"
             log = RunLog(
