@@ -265,3 +265,32 @@ def test_ep_group_needs_initialized_distributed():
     assert not dist.is_initialized()
     with pytest.raises(ValueError, match="not initialized"):
         MoE(D, FF, E, K, ep_group=object())
+
+
+def test_fused_experts_takes_prequantized_rows():
+    """``fused_experts(x_fp8=...)`` (the FP8-dispatch hook): GEMM1's rows from the given codes give the forward
+    of quantizing x itself, bit for bit; the weight gradient of w_gate_up comes from x's own token tiles."""
+    from fp8moe.moe import fused_experts
+    from fp8moe.quant.reference import quantize_rowwise
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(40, D, generator=gen).to(BF16)
+    w1, w2 = torch.randn(3, 2 * FF, D, generator=gen) / 11, torch.randn(3, D, FF, generator=gen) / 11
+    ids = torch.randint(-1, 3, (40, 2), generator=gen)
+    c = torch.rand(40, 2, generator=gen)
+    codes, scales = quantize_rowwise(x)
+    outs = []
+    for x_fp8 in (None, (codes, scales)):
+        w = w1.clone().requires_grad_()
+        xg = x.clone().requires_grad_()
+        y = fused_experts(xg, w, w2, ids, c, backend="reference", x_fp8=x_fp8)
+        y.float().square().sum().backward()
+        outs.append((y, xg.grad, w.grad))
+        with torch.no_grad():  # the inference path too
+            assert torch.equal(fused_experts(x, w1, w2, ids, c, backend="reference", x_fp8=x_fp8), y)
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="x_fp8"):
+        fused_experts(x, w1, w2, ids, c, precision="bf16", x_fp8=(codes, scales))
+    with pytest.raises(ValueError, match="x_fp8"):
+        fused_experts(x, w1, w2, ids, c, backend="reference", x_fp8=(codes[1:], scales[1:]))
