@@ -382,6 +382,11 @@ def bf16_note(logs: list[RunLog]) -> str:
         "(dense layers; bf16 expert GEMMs) is an fp32 matmul of bf16-rounded operands with a bf16-rounded result, "
         "the values of a bf16 GEMM up to the order of the additions. The fp8 expert GEMMs are the real recipe, "
         "and bf16 and fp8 runs differ only in the expert GEMMs."
+        + (
+            " Under --ep the MoE layers run the fused block, whose bf16 expert GEMMs are real bf16 GEMMs."
+            if any("EP=" in log.expert_gemms for log in logs)
+            else ""
+        )
     )
 
 
