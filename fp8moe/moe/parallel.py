@@ -33,8 +33,8 @@ resolves to True under ``ep_group``; ``fused=False`` is a ValueError): the parti
 **Same results as the single-process layer** (``MoE(fused=True)`` holding all E experts, on the concatenation
 of the ranks' shards, x in bf16 — the dispatch dtype; tested on the reference backend, bf16 and fp8):
 
-- expert weight gradients, the combine-weight gradients and the aux loss terms: bit-identical (every
-  expert sees the same rows in the same order, every assignment the same dy);
+- the expert weight gradients: bit-identical (every expert sees the same rows in the same order, every
+  assignment the same dy); the global expert counts too;
 - y and dx of a token whose k experts all live on one rank: bit-identical (its one partial is the
   single-process sum, and the source adds it to nothing);
 - y and dx of a token whose experts are split over ranks: each rank's partial is rounded to bf16 before it
