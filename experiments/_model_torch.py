@@ -30,6 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from experiments._config import ModelConfig, TrainConfig
 from fp8moe.moe import MoE
+from fp8moe.moe.parallel import EXPERT_KEYS, expert_data_parallel_groups, shard_expert_state_dict
 
 NORM_EPS = 1e-6
 BF16_MATH = ("native", "emulated")
@@ -135,7 +136,13 @@ class Block(nn.Module):
     """Pre-norm block: ``x + attn(norm(x))``, then ``x + moe(norm(x))``."""
 
     def __init__(
-        self, cfg: ModelConfig, precision: str, backend: str, bf16_math: str = "native", fused: bool = False
+        self,
+        cfg: ModelConfig,
+        precision: str,
+        backend: str,
+        bf16_math: str = "native",
+        fused: bool = False,
+        ep_group: object = None,
     ) -> None:
         super().__init__()
         self.num_heads, self.emulate_bf16 = cfg.num_heads, bf16_math == "emulated"
@@ -145,7 +152,14 @@ class Block(nn.Module):
         self.moe_norm = nn.RMSNorm(cfg.d_model, eps=NORM_EPS)
         moe = EmulatedBf16MoE if self.emulate_bf16 else MoE
         self.moe = moe(
-            cfg.d_model, cfg.d_ff, cfg.num_experts, cfg.top_k, precision=precision, backend=backend, fused=fused
+            cfg.d_model,
+            cfg.d_ff,
+            cfg.num_experts,
+            cfg.top_k,
+            precision=precision,
+            backend=backend,
+            fused=fused,
+            ep_group=ep_group,
         )
 
     def dense(self, layer: nn.Linear, x: Tensor) -> Tensor:
@@ -173,6 +187,7 @@ class MoETransformer(nn.Module):
         backend: str = "auto",
         bf16_math: str = "native",
         fused: bool = False,
+        ep_group: object = None,
     ) -> None:
         super().__init__()
         if bf16_math not in BF16_MATH:
@@ -180,7 +195,9 @@ class MoETransformer(nn.Module):
         self.emulate_bf16 = bf16_math == "emulated"
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Parameter(torch.empty(cfg.seq_len, cfg.d_model))
-        self.blocks = nn.ModuleList(Block(cfg, precision, backend, bf16_math, fused) for _ in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(
+            Block(cfg, precision, backend, bf16_math, fused, ep_group) for _ in range(cfg.num_layers)
+        )
         self.norm = nn.RMSNorm(cfg.d_model, eps=NORM_EPS)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         for name, p in self.named_parameters():  # the MoE layers keep their own initialisation
@@ -213,6 +230,50 @@ def initial_weights(cfg: ModelConfig, seed: int) -> dict[str, np.ndarray]:
     return {n: p.detach().numpy() for n, p in build_model(cfg, "bf16", "auto", seed).named_parameters()}
 
 
+class ExpertParallel:
+    """EP x DP for the torch runs (``train_moe.py --ep N`` under ``torchrun``): the world's ranks form EP groups
+    of ``ep_size`` consecutive ranks (each MoE layer's experts spread over one) and expert-DP groups (the
+    ranks holding the same experts); every rank trains on its own rows of the global batch.
+
+    Gradients of the mean loss over the world's ranks: a replicated parameter's (router, attention,
+    embeddings, norms) is the mean over the world; an expert weight's local gradient already sums the
+    losses of its EP group (the gradients came back through the all-to-alls), so it is summed over the
+    expert-DP group and divided by the world size. The clipping norm adds each EP rank's expert part once.
+    """
+
+    def __init__(self, ep_size: int) -> None:
+        import torch.distributed as dist
+
+        self.dist, self.ep_size = dist, ep_size
+        self.world, self.rank = dist.get_world_size(), dist.get_rank()
+        self.ep_group, self.dp_group = expert_data_parallel_groups(ep_size)
+        self.ep_rank = dist.get_rank(self.ep_group)
+
+    @staticmethod
+    def is_expert(name: str) -> bool:
+        return name.rsplit(".", 1)[-1] in EXPERT_KEYS
+
+    def mean(self, value: Tensor) -> float:
+        total = value.detach().float().reshape(1).clone()
+        self.dist.all_reduce(total)
+        return total.item() / self.world
+
+    @torch.no_grad()
+    def reduce_gradients(self, model: nn.Module, max_norm: float) -> None:
+        dist = self.dist
+        grads = [(self.is_expert(n), p.grad) for n, p in model.named_parameters() if p.grad is not None]
+        for expert, g in grads:
+            dist.all_reduce(g, group=self.dp_group if expert else None)
+            g.div_(self.world)
+        dense = sum((g.float().square().sum() for expert, g in grads if not expert), torch.zeros(()))
+        experts = sum((g.float().square().sum() for expert, g in grads if expert), torch.zeros(()))
+        dist.all_reduce(experts, group=self.ep_group)
+        norm = (dense + experts).sqrt()
+        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for _, g in grads:
+            g.mul_(scale.to(g.device))
+
+
 class TorchTrainer:
     """One training run of :class:`MoETransformer` in torch: AdamW steps and held-out evaluation.
 
@@ -237,8 +298,15 @@ class TorchTrainer:
         seed: int,
         bf16_math: str = "native",
         fused: bool = False,
+        ep: ExpertParallel | None = None,
     ) -> None:
         self.model = build_model(cfg, precision, backend, seed, bf16_math, fused).to(device)
+        if ep is not None:  # the same initial weights, each rank its experts (the single-process model resharded)
+            full = self.model.state_dict()
+            torch.manual_seed(seed)
+            self.model = MoETransformer(cfg, precision, backend, bf16_math, fused, ep.ep_group).to(device)
+            self.model.load_state_dict(shard_expert_state_dict(full, ep.ep_size, ep.ep_rank))
+        self.ep = ep
         self.train_cfg, self.device, self.autocast = train_cfg, device, bf16_math == "native"
         params = list(self.model.parameters())
         groups = [  # weight decay on matrices and expert stacks, not on norm gains
@@ -255,6 +323,8 @@ class TorchTrainer:
         self.forward = torch.compile(self.model) if compile else self.model
 
     def _losses(self, batch: np.ndarray) -> tuple[Tensor, Tensor]:
+        if self.ep is not None:  # this rank's rows of the global batch
+            batch = np.array_split(batch, self.ep.world)[self.ep.rank]
         tokens = torch.from_numpy(batch).to(self.device, non_blocking=True).long()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             logits, aux = self.forward(tokens[:, :-1])
@@ -265,14 +335,19 @@ class TorchTrainer:
         """One optimizer step on batch (B, S+1) int32 at learning rate ``lr``; returns the cross-entropy."""
         ce, aux = self._losses(batch)
         (ce + self.train_cfg.aux_coef * aux).backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_cfg.grad_clip)
+        if self.ep is not None:  # reduced over the EP x DP groups, clipped by the global norm
+            self.ep.reduce_gradients(self.model, self.train_cfg.grad_clip)
+        else:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_cfg.grad_clip)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return ce.item()
+        return ce.item() if self.ep is None else self.ep.mean(ce)
 
     @torch.no_grad()
     def evaluate(self, batches: list[np.ndarray]) -> float:
         """Mean cross-entropy over ``batches``."""
+        if self.ep is not None:
+            return float(np.mean([self.ep.mean(self._losses(b)[0]) for b in batches]))
         return float(np.mean([self._losses(b)[0].item() for b in batches]))

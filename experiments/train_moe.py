@@ -29,6 +29,12 @@ held-out gap of fp8 vs bf16 in percent) and ``summary.md`` (the tables printed a
     python -m experiments.train_moe                      # the same (what the first re-runs itself as)
     python experiments/train_moe.py --framework torch --precision fp8 --steps 300 --size cpu
     python experiments/train_moe.py --framework torch --seeds 0,1,2 --steps 250   # GPU: the issue's check
+    torchrun --nproc-per-node 2 experiments/train_moe.py --ep 2 --size cpu      # expert parallel (gloo on CPU)
+
+``--ep N`` (torch only) trains under ``torchrun`` with the experts of every MoE layer spread over N ranks
+(``MoE(ep_group=...)``; world = N x DP, see ``experiments/_model_torch.ExpertParallel``): the same initial
+weights (the single-process model's, resharded), each rank its rows of the global batch; NCCL on GPUs, gloo
+on CPUs; rank 0 reports and writes.
 """
 
 from __future__ import annotations
@@ -45,12 +51,14 @@ if __name__ == "__main__" and not __package__:
     os.execve(sys.executable, [sys.executable, "-m", "experiments.train_moe", *sys.argv[1:]], env)
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 
 # torch and JAX share the GPU in one process: JAX must not grab 75% of it up front.
@@ -169,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
         "auto: emulated on a CPU, native on a GPU. The JAX runs always use XLA's bf16 dots",
     )
     parser.add_argument(
+        "--ep",
+        type=int,
+        help="expert parallelism over N ranks (torch only; launch with torchrun, world = N x data parallel)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         help="torch intra-op threads (default: 1 when training on a CPU, where the CPU size's small ops gain little "
@@ -191,7 +204,7 @@ def parse_seeds(text: str) -> list[int]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for flag in ("steps", "batch_size", "threads"):
+    for flag in ("steps", "batch_size", "threads", "ep"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')}: expected >= 1, got {getattr(args, flag)}")
     if args.seed is not None and args.seeds is not None:
@@ -266,7 +279,10 @@ def train(
     evals = held_out_batches(corpus.held_out, train_cfg.eval_batches, train_cfg.batch_size, seq_len)
     log.held_out.append((0, trainer.evaluate(evals)))
     run_index = f"{len(time_left.finished) + 1}/{time_left.num_runs}"
-    with tqdm(range(train_cfg.steps), desc=f"{log.name:>10} [{run_index}]", unit="step", dynamic_ncols=True) as bar:
+    bar = tqdm(
+        range(train_cfg.steps), desc=f"{log.name:>10} [{run_index}]", unit="step", dynamic_ncols=True, disable=QUIET
+    )
+    with bar:
         for step in bar:
             batch = train_batch(corpus.train, step, train_cfg.batch_size, seq_len, seed)
             t0 = time.perf_counter()
@@ -614,6 +630,11 @@ def bf16_note(logs: list[RunLog]) -> str:
         "operands with a bf16-rounded result, "
         "the values of a bf16 GEMM up to the order of the additions. The fp8 expert GEMMs are the real recipe, "
         "and bf16 and fp8 runs differ only in the expert GEMMs."
+        + (
+            " Under --ep the MoE layers run the fused block, whose bf16 expert GEMMs are real bf16 GEMMs."
+            if any("EP=" in log.expert_gemms for log in logs)
+            else ""
+        )
     )
 
 
@@ -655,18 +676,64 @@ def run_configs(train_cfg: TrainConfig, frameworks: tuple[str, ...]) -> dict[str
     }
 
 
+QUIET = False  # ranks other than 0 of an --ep run: no progress bar
+
+
+@contextlib.contextmanager
+def expert_parallel(args: argparse.Namespace):
+    """``--ep N``: join the torchrun group (or, for N = 1 without torchrun, start a group of one) and yield
+    the :class:`~experiments._model_torch.ExpertParallel` groups; without ``--ep``: None."""
+    global QUIET
+    if args.ep is None:
+        yield None
+        return
+    import torch.distributed as dist
+
+    from experiments._model_torch import ExpertParallel
+
+    if args.framework == "jax":
+        build_parser().error("--ep: expert parallelism runs the torch model only")
+    args.framework = "torch"
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    backend = "nccl" if cuda else "gloo"
+    if "RANK" in os.environ:
+        dist.init_process_group(backend)
+    elif args.ep == 1:
+        dist.init_process_group(backend, init_method=f"file://{tempfile.mkdtemp()}/store", rank=0, world_size=1)
+    else:
+        build_parser().error(f"--ep {args.ep}: launch with torchrun --nproc-per-node {args.ep} (or a multiple)")
+    quiet, out = QUIET, args.out
+    try:
+        world = dist.get_world_size()
+        if world % args.ep:
+            build_parser().error(f"--ep {args.ep}: the world size {world} is not a multiple")
+        ep = ExpertParallel(args.ep)
+        if ep.rank:  # only rank 0 reports and writes
+            QUIET, args.out = True, Path(tempfile.mkdtemp())
+            with contextlib.redirect_stdout(open(os.devnull, "w")):
+                yield ep
+        else:
+            yield ep
+    finally:
+        QUIET, args.out = quiet, out
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> list[RunLog]:
     args = parse_args(argv)
     threads = torch.get_num_threads()
     try:
         if args.threads or not torch.cuda.is_available():
             torch.set_num_threads(args.threads or 1)
-        return run(args)
+        with expert_parallel(args) as ep:
+            return run(args, ep)
     finally:
         torch.set_num_threads(threads)
 
 
-def run(args: argparse.Namespace) -> list[RunLog]:
+def run(args: argparse.Namespace, ep=None) -> list[RunLog]:
     """All the runs ``args`` asks for; writes their logs, ``summary.md`` and ``loss.png``."""
     started = time.perf_counter()
     cfg, train_cfg = configs(args)
@@ -690,6 +757,10 @@ def run(args: argparse.Namespace) -> list[RunLog]:
     if "fp8" in precisions and (problem := backend_problem(args.backend, run_devices)):
         build_parser().error(problem)
     torch_bf16_math = args.bf16_math if args.bf16_math != "auto" else "emulated" if device.type == "cpu" else "native"
+    if ep is not None:
+        for framework, run_cfg in run_configs(train_cfg, frameworks).items():
+            if run_cfg.batch_size % ep.world:
+                build_parser().error(f"--ep: the batch {run_cfg.batch_size} is not divisible by the world {ep.world}")
 
     date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     out = args.out or Path(__file__).parent / "runs" / f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{args.size}"
@@ -728,7 +799,9 @@ def run(args: argparse.Namespace) -> list[RunLog]:
         if framework == "torch":
             from experiments._model_torch import TorchTrainer
 
-            trainer = TorchTrainer(cfg, run_cfg, precision, args.backend, device, args.compile, seed, bf16_math, fused)
+            trainer = TorchTrainer(
+                cfg, run_cfg, precision, args.backend, device, args.compile, seed, bf16_math, fused, ep
+            )
         else:
             from experiments._model_jax import JaxTrainer
             from experiments._model_torch import initial_weights
@@ -739,6 +812,9 @@ def run(args: argparse.Namespace) -> list[RunLog]:
             jax_precision = "bf16_ragged_dot" if precision == "bf16" and not fused else precision
             trainer = JaxTrainer(cfg, run_cfg, jax_precision, args.backend, initial_weights(cfg, seed), fused=fused)
         gemms = expert_gemms(precision, args.backend, run_device, bf16_math, fused and framework == "torch")
+        if ep is not None:  # torch only: the MoE layers run the fused block (MoE(ep_group=...) needs it)
+            dispatch = "fp8" if precision == "fp8" else "bf16"
+            gemms += f", EP={ep.ep_size} x DP={ep.world // ep.ep_size}, {dispatch} dispatch"
         if framework == "jax":
             if precision == "bf16":
                 gemms = "bf16 (jax_bridge.fused_experts)" if fused else "bf16 (jax.lax.ragged_dot)"

@@ -5,6 +5,7 @@ import itertools
 import json
 import os
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -566,3 +567,51 @@ def test_fused_bf16_layer_is_emulated_on_cpu():
     batch = train_batch(np.frombuffer(b"import os\n" * 500, np.uint8), 0, 2, cfg.seq_len, 0)
     assert np.isfinite(trainer.step(batch, 1e-3))
     assert [block.moe.emulation.calls for block in trainer.model.blocks] == [6] * cfg.num_layers
+
+
+def test_bench_ep_runs_ep1_through_the_ep_path(tmp_path, capsys):
+    """One process: bench_ep starts a group of one (EP=1, the same code path as under torchrun) and reports
+    bf16 and FP8 dispatch and the one-device layer; FP8 dispatch moves fewer bytes."""
+    from experiments import bench_ep
+
+    argv = ["--tokens", "32", "--d-model", "128", "--d-ff", "128", "--experts", "4", "--top-k", "2"]
+    rows = bench_ep.main([*argv, "--backend", "reference", "--calls", "1", "--warmup", "0", "--out", str(tmp_path)])
+    assert not torch.distributed.is_initialized()  # the group it started is gone
+    by_layer = {row["layer"]: row for row in rows}
+    assert set(by_layer) == {"EP=1, bf16 dispatch", "EP=1, fp8 dispatch", "one device (all experts)"}
+    bf16, fp8 = by_layer["EP=1, bf16 dispatch"], by_layer["EP=1, fp8 dispatch"]
+    assert 0 < fp8["all_to_all_mb_moved"] < bf16["all_to_all_mb_moved"] and bf16["all_to_all_mb"] == 0
+    assert all(row["layer_ms"] > 0 and row["tokens_per_s"] > 0 for row in rows)
+    assert "| EP=1, fp8 dispatch | 0 |" in (tmp_path / "bench_ep.md").read_text()
+    assert json.loads((tmp_path / "bench_ep.json").read_text())["rows"] == rows
+    assert "bench_ep: world 1" in capsys.readouterr().out
+
+
+def test_train_moe_ep_under_torchrun(tmp_path):
+    """``torchrun --nproc-per-node 2 train_moe.py --ep 2`` (gloo, CPU): it trains, rank 0 reports, and the
+    resharded model starts where the single-process one does (same initial held-out loss up to the fused
+    block's rounding)."""
+    from experiments import _config
+
+    data = str(stdlib_path() / "json")
+    argv = ["--size", "cpu", "--steps", "8", "--batch-size", "4", "--precision", "fp8", "--data", data]
+    env = os.environ | {
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")])
+    }
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "experiments.train_moe"]
+    done = subprocess.run(
+        [*cmd, *argv, "--ep", "2", "--out", str(tmp_path / "ep")], env=env, capture_output=True, text=True, timeout=240
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((tmp_path / "ep" / "torch_fp8.json").read_text())
+    assert "EP=2 x DP=1, fp8 dispatch" in record["expert_gemms"]
+    assert len(record["train_loss"]) == 8 and all(np.isfinite(record["train_loss"]))
+    held_out = [loss for _, loss in record["held_out"]]
+    assert held_out[-1] < held_out[0] - 0.3  # it learns
+    assert "EP=2 x DP=1" in (tmp_path / "ep" / "summary.md").read_text()
+    assert done.stdout.count("wrote ") == 1  # rank 0 only
+    cfg, train_cfg = _config.SIZES["cpu"]
+    single = train_moe.main(
+        [*argv[:-2], "--data", data, "--steps", "1", "--framework", "torch", "--out", str(tmp_path / "one")]
+    )
+    assert single[0].held_out[0][1] == pytest.approx(held_out[0], abs=2e-3)

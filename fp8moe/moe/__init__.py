@@ -6,7 +6,8 @@
   autograd function on the padded layout;
 - :mod:`fp8moe.moe.pieces`: its memory passes in plain torch (the ground truth of their kernels);
 - :mod:`fp8moe.moe.layer`: :class:`MoE`, the layer (op by op, or ``fused=True``);
-- :mod:`fp8moe.moe.parallel`: expert parallelism over a ``torch.distributed`` group (``MoE(ep_group=...)``).
+- :mod:`fp8moe.moe.parallel`: expert parallelism over a ``torch.distributed`` group (``MoE(ep_group=...)``:
+  each token sent once per rank, FP8 dispatch, the fused block per rank; EP x DP groups, state-dict resharding).
 """
 
 from fp8moe.moe.fused import PRECISIONS, fused_experts

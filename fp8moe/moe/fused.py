@@ -194,7 +194,20 @@ def _passes(gemms, device: torch.device):
     return _KernelPasses(fp8) if use_kernels else _PiecesPasses(gemms)
 
 
-def _block_forward(gemms, x: Tensor, w1: Tensor, w2: Tensor, c: Tensor, plan: RoutingPlan, needs: tuple[bool, ...]):
+def _x_operands(passes, x: Tensor, x_fp8, plan: RoutingPlan, need_dw1: bool):
+    """GEMM1's x operands: dispatched and quantized from x, or (``x_fp8``, FP8 dispatch) the rows gathered
+    from the given codes and only the token tiles quantized from x (see :func:`fp8moe.moe.parallel.pad_fp8_rows`)."""
+    if x_fp8 is None:
+        return passes.dispatch(x, plan, True, need_dw1)
+    from fp8moe.moe.parallel import pad_fp8_rows
+
+    tiles = passes.dispatch(x, plan, False, True)[1] if need_dw1 else None
+    return pad_fp8_rows(*x_fp8, plan), tiles
+
+
+def _block_forward(
+    gemms, x: Tensor, w1: Tensor, w2: Tensor, c: Tensor, plan: RoutingPlan, needs: tuple[bool, ...], x_fp8=None
+):
     """The forward; returns (y (T, D) in x's dtype, saved: dict of what the backward needs, empty if nothing)."""
     need_dx, need_dw1, need_dw2, need_dc = needs
     need_da = need_dx or need_dw1
@@ -205,7 +218,7 @@ def _block_forward(gemms, x: Tensor, w1: Tensor, w2: Tensor, c: Tensor, plan: Ro
     if need_dw1 or need_dw2:
         gemms.prefetch(layout)
     valid = pieces.valid_rows(plan)
-    x_rows, x_tiles = passes.dispatch(x, plan, True, need_dw1)
+    x_rows, x_tiles = _x_operands(passes, x, x_fp8, plan, need_dw1)
     h = gemms.mm(x_rows, w1_op, layout)
     del x_rows
     a_rows, a_tiles = passes.swiglu(h, valid, plan, True, need_dw2)
@@ -299,11 +312,11 @@ def saved_spec(
 
 class _FusedExperts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w1, w2, c, plan, precision, key, cache_weight):
+    def forward(ctx, x, w1, w2, c, plan, precision, key, cache_weight, x_fp8):
         needs = tuple(ctx.needs_input_grad[:4])
         gemms = _Fp8Gemms(key, cache_weight) if precision == "fp8" else _Bf16Gemms()
         with torch.autocast(x.device.type, enabled=False):
-            y, saved = _block_forward(gemms, x, w1, w2, c, plan, needs)
+            y, saved = _block_forward(gemms, x, w1, w2, c, plan, needs, x_fp8)
         ctx.gemms, ctx.plan, ctx.needs = gemms, plan, needs
         ctx.dtypes = (x.dtype, w1.dtype, w2.dtype, c.dtype)
         # save_for_backward takes tensors (or None): the FP8 operand pairs are flattened
@@ -327,7 +340,7 @@ class _FusedExperts(torch.autograd.Function):
             saved[name] = tuple(next(tensors) for _ in range(count)) if count else next(tensors)
         with torch.autocast(dy.device.type, enabled=False):
             grads = _block_backward(ctx.gemms, dy.contiguous(), saved, ctx.plan, ctx.needs, ctx.dtypes)
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None, None, None)
 
 
 def _check_tensor(name: str, t: object, dims: int, dtypes: tuple[torch.dtype, ...]) -> Tensor:
@@ -351,6 +364,7 @@ def fused_experts(
     precision: str = "fp8",
     plan: RoutingPlan | None = None,
     cache_weight: bool = True,
+    x_fp8: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Routed SwiGLU experts as one fused block: ``y[t] = sum_j combine[t, j] * expert_{e_tj}(x[t])``.
 
@@ -370,6 +384,10 @@ def fused_experts(
         cache_weight: reuse the quantized weights while unchanged (see :mod:`fp8moe.weight_cache`). Eager
             calls only: under ``torch.compile`` the block runs as the custom ops of :mod:`fp8moe.moe.fused_ops`
             and quantizes the weights in every call.
+        x_fp8: x already quantized 1x128 (FP8 dispatch under expert parallelism, :mod:`fp8moe.moe.parallel`):
+            ``(codes (T, D) e4m3, scales (T, D/128) fp32)``, ``precision="fp8"`` only. GEMM1's rows are
+            these codes, not re-quantized; x must hold the values they decode to and is used for the rest
+            (GEMM1's token tiles for the weight gradient: a second quantization; dx in x's dtype).
 
     Returns:
         y: (T, D) in x's dtype, accumulated in fp32 from the bf16 expert outputs. Differentiable once in
@@ -413,16 +431,25 @@ def fused_experts(
         raise TypeError(f"plan: expected a RoutingPlan or None, got {type(plan).__name__}")
     elif plan.pos.shape != expert_ids.shape or plan.layout.num_groups != num_experts:
         raise ValueError(f"plan: planned for {tuple(plan.pos.shape)} assignments over {plan.layout.num_groups} experts")
+    if x_fp8 is not None:
+        if precision != "fp8":
+            raise ValueError("x_fp8: pre-quantized rows need precision='fp8'")
+        _check_tensor("x_fp8[0]", x_fp8[0], 2, (torch.float8_e4m3fn,))
+        _check_tensor("x_fp8[1]", x_fp8[1], 2, (torch.float32,))
+        if x_fp8[0].shape != x.shape or x_fp8[1].shape != (num_tokens, d_model // BLOCK):
+            raise ValueError(f"x_fp8: expected shapes {tuple(x.shape)} and {(num_tokens, d_model // BLOCK)}")
     key = resolve_backend(backend, x.device) if precision == "fp8" else ""
     x, w_gate_up, w_down, combine = (t.contiguous() for t in (x, w_gate_up, w_down, combine))
     if torch.compiler.is_compiling():  # custom ops the compiler traces whole (fp8moe.moe.fused_ops)
+        if x_fp8 is not None:
+            raise NotImplementedError("x_fp8: FP8 dispatch is not supported under torch.compile yet")
         return fused_experts_compiled(x, w_gate_up, w_down, combine, plan, precision, key)
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, w_gate_up, w_down, combine))):
         # inference: no autograd node, nothing saved, no token tiles, no transposed weights
         gemms = _Fp8Gemms(key, cache_weight) if precision == "fp8" else _Bf16Gemms()
         with torch.autocast(x.device.type, enabled=False):
-            return _block_forward(gemms, x, w_gate_up, w_down, combine, plan, (False,) * 4)[0]
-    return _FusedExperts.apply(x, w_gate_up, w_down, combine, plan, precision, key, cache_weight)
+            return _block_forward(gemms, x, w_gate_up, w_down, combine, plan, (False,) * 4, x_fp8)[0]
+    return _FusedExperts.apply(x, w_gate_up, w_down, combine, plan, precision, key, cache_weight, x_fp8)
 
 
 __all__ = ["PASSES", "PRECISIONS", "SavedSpec", "fused_experts", "saved_spec"]

@@ -11,7 +11,7 @@ padded rows), in either precision with the same routing, dispatch, SwiGLU and co
 
 ``ep_group=group`` (a ``torch.distributed`` process group) spreads the experts over the group's ranks
 (expert parallelism, :mod:`fp8moe.moe.parallel`): each rank holds E / ep_size of them and routes its own
-tokens; the op-by-op path only.
+tokens; each token travels once to every rank holding one of its experts, where they run as the fused block.
 
 Routing, for T tokens and E experts:
 - ``logits = x @ router.T`` in fp32, ``probs = softmax(logits)``; each token picks its ``top_k`` experts
@@ -61,14 +61,18 @@ class MoE(nn.Module):
         backend: fp8moe backend for ``precision="fp8"`` ("auto", "reference", "triton", "deepgemm").
         fused: run the experts as one fused block (:func:`fp8moe.moe.fused_experts`; y accumulated in fp32
             and returned in x's dtype) instead of two ``grouped_mm`` calls with bf16 activations between
-            them and a bf16 combine.
+            them and a bf16 combine. None (default): True under ``ep_group`` (the only local path there;
+            ``fused=False`` with ``ep_group`` is a ValueError), False otherwise.
         score: the router, "softmax" (top-k of the softmax) or "sigmoid" (DeepSeek-V3: top-k of sigmoid
             scores plus the ``expert_bias`` buffer, which only selects; see :meth:`update_expert_bias`).
         ep_group: a ``torch.distributed`` process group for expert parallelism (None: all experts here).
             This rank (``ep_rank`` of ``ep_size``) then holds experts ``[ep_rank * El, (ep_rank + 1) * El)``,
             ``El = num_local_experts = E / ep_size`` (E not divisible: ValueError), in ``w_gate_up``/``w_down``
-            of El rows; the router stays (E, D), replicated. See :mod:`fp8moe.moe.parallel` (not with
-            ``fused=True`` yet).
+            of El rows; the router stays (E, D), replicated. See :mod:`fp8moe.moe.parallel`.
+        fp8_dispatch: under ``ep_group`` with ``precision="fp8"``, send the tokens to the experts' ranks
+            quantized 1x128 (e4m3 codes + fp32 scales, ~half of bf16's bytes) instead of bf16; the forward
+            is bit-identical, ``w_gate_up``'s gradient is built from the dequantized rows (see
+            :mod:`fp8moe.moe.parallel`). None (default): on with ``precision="fp8"`` under ``ep_group``.
 
     Parameters: ``router.weight`` (E, D), ``w_gate_up`` (E, 2F, D) (rows [:F] gate, [F:] up), ``w_down``
     (E, D, F) (El under EP), fp32, initialised N(0, 1/fan_in) (router N(0, 0.02^2)).
@@ -83,9 +87,10 @@ class MoE(nn.Module):
         *,
         precision: str = "fp8",
         backend: str = "auto",
-        fused: bool = False,
+        fused: bool | None = None,
         score: str = "softmax",
         ep_group: object | None = None,
+        fp8_dispatch: bool | None = None,
     ) -> None:
         super().__init__()
         d_model, d_ff, num_experts, top_k = (
@@ -106,16 +111,24 @@ class MoE(nn.Module):
             raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
         if backend not in BACKEND_NAMES:
             raise ValueError(f"backend: expected one of {BACKEND_NAMES}, got {backend!r}")
-        if not isinstance(fused, bool):
-            raise TypeError(f"fused: expected a bool, got {type(fused).__name__}")
+        for name, value in (("fused", fused), ("fp8_dispatch", fp8_dispatch)):
+            if value is not None and not isinstance(value, bool):
+                raise TypeError(f"{name}: expected a bool or None, got {type(value).__name__}")
         if score not in SCORES:
             raise ValueError(f"score: expected one of {SCORES}, got {score!r}")
         if ep_group is None:
             ep_size, ep_rank = 1, 0
         else:
             ep_size, ep_rank = group_size_and_rank(ep_group, num_experts)
-            if fused:
-                raise ValueError("fused: fused=True is not supported with ep_group yet")
+            if fused is False:
+                raise ValueError(
+                    "fused: under ep_group the local experts run the fused block; leave fused None or True"
+                )
+        if fp8_dispatch and (ep_group is None or precision != "fp8"):
+            raise ValueError("fp8_dispatch: needs ep_group and precision='fp8'")
+        fused = ep_group is not None if fused is None else fused
+        fp8_dispatch = ep_group is not None and precision == "fp8" if fp8_dispatch is None else fp8_dispatch
+        self.fp8_dispatch = fp8_dispatch
         self.ep_group, self.ep_size, self.ep_rank = ep_group, ep_size, ep_rank
         self.num_local_experts = num_experts // ep_size
         self.d_model, self.d_ff, self.num_experts, self.top_k = d_model, d_ff, num_experts, top_k
@@ -137,7 +150,11 @@ class MoE(nn.Module):
         return (
             f"d_model={self.d_model}, d_ff={self.d_ff}, num_experts={self.num_experts}, top_k={self.top_k}, "
             f"precision={self.precision!r}, backend={self.backend!r}, fused={self.fused}, score={self.score!r}"
-            + (f", ep_size={self.ep_size}, ep_rank={self.ep_rank}" if self.ep_group is not None else "")
+            + (
+                f", ep_size={self.ep_size}, ep_rank={self.ep_rank}, fp8_dispatch={self.fp8_dispatch}"
+                if self.ep_group is not None
+                else ""
+            )
         )
 
     @torch.no_grad()

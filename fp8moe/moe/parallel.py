@@ -1,54 +1,94 @@
-"""Expert parallelism over a ``torch.distributed`` process group (first slice: torch, one row per assignment).
+"""Expert parallelism over a ``torch.distributed`` process group: ``MoE(..., ep_group=group)``.
 
-``MoE(..., ep_group=group)`` spreads the E experts over the ``ep_size`` ranks of ``group``: rank r holds
-experts ``[r * El, (r + 1) * El)`` with ``El = E / ep_size`` (its ``w_gate_up``/``w_down`` are (El, ...)); the
-router weight is replicated (same values on every rank; its gradient is a sum over ranks, reduce it over the
-group like a data-parallel gradient). Each rank routes *its own* tokens (the tokens are sharded over the
-group, as in data parallelism) over the global E experts, then :func:`expert_parallel_experts`:
+The E experts are spread over the ``ep_size`` ranks of ``group``: rank r holds experts
+``[r * El, (r + 1) * El)`` with ``El = E / ep_size`` (its ``w_gate_up``/``w_down`` are (El, ...)); the router
+weight is replicated (same values on every rank; its gradient is a sum over ranks, reduce it like a
+data-parallel gradient). Each rank routes *its own* tokens (the tokens are sharded over the group, as in data
+parallelism) over the global E experts, then :func:`expert_parallel_experts`:
 
-1. sorts the T*k (token, expert) assignments by expert (the layer's stable sort, so by destination rank
-   and, within a rank, by local expert);
-2. exchanges the per-expert counts with one ``all_to_all_single`` of (ep_size, El) int64 counts and reads
-   the split sizes on the host once (the only host synchronisation of the call, as in torchtitan);
-3. sends the assignment rows (bf16) to the ranks owning their experts with :func:`all_to_all` (an autograd
-   Function over ``dist.all_to_all_single``; its backward is the reverse all-to-all). gloo supports
-   ``all_to_all_single`` on CPU (bf16, fp32, int64 and empty splits), so the same code runs on gloo and NCCL;
-4. groups the received rows by local expert with a stable sort (rows from source rank 0 first, then rank 1,
-   ...: exactly the order the single-process layer gives the expert's rows when the group's token shards
-   are concatenated in rank order), runs the local experts through the layer's op-by-op path
-   (:meth:`MoE._experts`: grouped GEMMs on the local weights, fp8 through :func:`fp8moe.grouped_mm` or
-   bf16), ungroups them and sends the results back with the reverse all-to-all;
-5. combines them with the combine weights exactly as the single-process layer does.
+1. **each token travels once per destination rank**: the (token, rank) *pairs* (rank r owns at least one of
+   the token's k experts) are sorted by rank, then token; each pair carries the token's row, its k expert
+   ids made local to that rank (ids of experts elsewhere replaced by -1) and its k combine weights;
+2. the pair counts go through one ``all_to_all_single`` (with a fingerprint of the layer's configuration, so
+   ranks whose layers differ fail with a ValueError instead of hanging) and are read on the host once (the
+   only host synchronisation of the call, as in every torch EP implementation);
+3. the rows travel in bf16 (``fp8_dispatch=False``), or as 1x128-quantized e4m3 codes (as uint8: gloo has no
+   fp8) plus fp32 scales (**FP8 dispatch**, about half the bytes); ids and combine weights travel with them;
+4. the receiver runs its El experts as the **fused block** (:func:`fp8moe.moe.fused_experts` on the received
+   rows, ids outside ``[0, El)`` routed nowhere): expanded to the pair's local assignments, grouped by local
+   expert (stable: rows from source rank 0 first, then rank 1, ..., i.e. the order of the concatenated token
+   shards), combined on the expert side into **one partial sum per pair** (slot order, fp32, returned in
+   bf16);
+5. the partials travel back (bf16) and the source sums each token's partials in fp32 in rank order (fixed:
+   deterministic), cast to x's dtype.
 
-Hence y, dx and the local experts' weight gradients are bit-identical to those of the single-process layer
-holding all experts, run on the concatenation of the ranks' token shards (tested on the reference backend).
+All the all-to-alls are differentiable (:func:`all_to_all`, an autograd Function over
+``dist.all_to_all_single``: gloo on CPUs, NCCL on GPUs); the backward's all-to-alls carry bf16 (dy to the
+experts, the partial dx back) and the fp32 combine-weight gradients. Gradients of the token rows and combine
+weights of a token's pairs are summed at the source in rank order too.
 
-This slice sends **one row per (token, expert) assignment**; sending each token once per destination rank
-(and expanding it there), FP8 dispatch and ``fused=True`` under EP come next.
+**Local path.** Under EP the local experts always run the fused block (``MoE(fused=None)``, the default,
+resolves to True under ``ep_group``; ``fused=False`` is a ValueError): the partial sums are its combine.
 
-Aux loss (``aux_loss`` of the layer under EP): ``E * sum_e f_e * P_e`` with ``f_e = C_e / sum(C)``, ``C`` the
+**Same results as the single-process layer** (``MoE(fused=True)`` holding all E experts, on the concatenation
+of the ranks' shards, x in bf16 — the dispatch dtype; tested on the reference backend, bf16 and fp8):
+
+- the expert weight gradients: bit-identical (every expert sees the same rows in the same order, every
+  assignment the same dy); the global expert counts too;
+- y and dx of a token whose k experts all live on one rank: bit-identical (its one partial is the
+  single-process sum, and the source adds it to nothing);
+- y and dx of a token whose experts are split over ranks: each rank's partial is rounded to bf16 before it
+  travels, so they differ from the single-process sum (all k terms in fp32, rounded once) by bf16 rounding
+  of the partials (~2^-8 relative; the summation order itself is rank order, then slot order within a rank);
+- the router gradient: a sum over ranks in another order: fp32 rounding.
+
+**FP8 dispatch** (``MoE(fp8_dispatch=...)``, default on with ``precision="fp8"``): the source quantizes each
+pair's bf16 row 1x128 (:func:`fp8moe.quant.reference.quantize_rowwise`, the recipe's bits) and sends the
+codes and scales; the receiver gives them to the fused block as GEMM1's rows (``fused_experts(x_fp8=...)``)
+without re-quantizing, so the forward (y, and everything computed from it) is bit-identical to bf16
+dispatch: a 1x128 tile lies in one token's row, the same tile the fused block would quantize after a bf16
+dispatch. GEMM1's weight gradient needs 128x1 tiles *across* tokens, which cannot be cut from 1x128 codes:
+they are quantized from the received values dequantized to fp32 (a second quantization, DeepSeek-V3's
+recipe), so ``w_gate_up``'s gradient differs from bf16 dispatch by the noise of one more e4m3 rounding of x
+(~28 dB SQNR between the two; against the same layer with bf16 GEMMs its SQNR drops by ~0.7 dB, tested
+< 1.5 dB); every other output and gradient is bit-identical. The backward's all-to-alls carry bf16 either way.
+
+**Aux loss** (``aux_loss`` of the layer under EP): ``E * sum_e f_e * P_e`` with ``f_e = C_e / sum(C)``, ``C`` the
 expert counts all-reduced over the group (global counts) and ``P_e`` the mean normalized score of expert e
 over *this rank's* tokens. Its mean over the ranks equals the single-process aux loss of the concatenated
-batch when the shards are equally large (mean of the shard means), and so does the gradient of that mean
-(what averaging the ranks' losses or gradients computes). With ``score="sigmoid"``, ``last_expert_counts``
-holds the global counts, so ``update_expert_bias`` keeps the replicated bias identical on every rank.
+batch when the shards are equally large (mean of the shard means), and so does the gradient of that mean.
+With ``score="sigmoid"``, ``last_expert_counts`` holds the global counts, so ``update_expert_bias`` keeps the
+replicated bias identical on every rank.
 
 Every rank of the group must call the layer (forward and backward) the same number of times in the same
-order, even with zero tokens: the all-to-alls are collective.
+order, even with zero tokens: the all-to-alls are collective. Any routing works, including a rank that
+receives no tokens or all of them.
+
+EP x DP, gradients and checkpoints: :func:`expert_data_parallel_groups`, :func:`gather_expert_state_dict`,
+:func:`shard_expert_state_dict` (and the README's "Expert parallelism" section).
 """
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fp8moe.moe.routing import Routing
+from fp8moe.moe.fused import fused_experts
+from fp8moe.moe.routing import Routing, RoutingPlan
+from fp8moe.quant.reference import dequantize_rowwise, quantize_rowwise
+from fp8moe.recipe import FP8_DTYPE
 
 if TYPE_CHECKING:
     from fp8moe.moe.layer import MoE
+
+EXPERT_KEYS = ("w_gate_up", "w_down")  # the state-dict entries sharded over the EP group (dim 0: experts)
 
 
 def group_size_and_rank(group: object, num_experts: int) -> tuple[int, int]:
@@ -65,27 +105,172 @@ def group_size_and_rank(group: object, num_experts: int) -> tuple[int, int]:
     return size, rank
 
 
+# ---------------------------------------------------------------------------------------------- all-to-all
+
+
+@dataclass
+class AllToAllRecord:
+    """What :func:`record_all_to_all` saw: one entry per ``all_to_all_single`` (forward and backward)."""
+
+    bytes_sent: list[int] = field(default_factory=list)  # bytes this rank sent to *other* ranks
+    bytes_moved: list[int] = field(default_factory=list)  # its whole send buffer (its own rows included)
+    seconds: list[float] = field(default_factory=list)  # wall time of the call, synchronised (see below)
+    dtypes: list[str] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes_sent)
+
+    @property
+    def total_bytes_moved(self) -> int:
+        return sum(self.bytes_moved)
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(self.seconds)
+
+
+_RECORD: AllToAllRecord | None = None
+
+
+@contextlib.contextmanager
+def record_all_to_all() -> Iterator[AllToAllRecord]:
+    """Record every all-to-all of the EP layer (bytes sent to other ranks, dtype, and its time with the
+    device synchronised before and after: the benchmark's measurement; it serialises the call)."""
+    global _RECORD
+    previous, _RECORD = _RECORD, AllToAllRecord()
+    try:
+        yield _RECORD
+    finally:
+        _RECORD = previous
+
+
+def _all_to_all_single(out: Tensor, x: Tensor, out_splits: list[int], in_splits: list[int], group) -> None:
+    record = _RECORD
+    if record is None:
+        dist.all_to_all_single(out, x, out_splits, in_splits, group=group)
+        return
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    dist.all_to_all_single(out, x, out_splits, in_splits, group=group)
+    sync()
+    record.seconds.append(time.perf_counter() - start)
+    row_bytes = x[0].numel() * x.element_size() if x.shape[0] else 0
+    own = in_splits[dist.get_rank(group)]
+    record.bytes_sent.append((sum(in_splits) - own) * row_bytes)
+    record.bytes_moved.append(sum(in_splits) * row_bytes)
+    record.dtypes.append(str(x.dtype).removeprefix("torch."))
+
+
+def _exchange(x: Tensor, out_splits: list[int], in_splits: list[int], group) -> Tensor:
+    out = x.new_empty((sum(out_splits), *x.shape[1:]))
+    _all_to_all_single(out, x.contiguous(), out_splits, in_splits, group)
+    return out
+
+
 class _AllToAll(torch.autograd.Function):
     """``dist.all_to_all_single`` along dim 0 with split sizes; the backward is the reverse all-to-all."""
 
     @staticmethod
     def forward(ctx, x: Tensor, out_splits: list[int], in_splits: list[int], group: dist.ProcessGroup) -> Tensor:
         ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
-        out = x.new_empty((sum(out_splits), *x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-        return out
+        return _exchange(x, out_splits, in_splits, group)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
-        dx = grad.new_empty((sum(ctx.in_splits), *grad.shape[1:]))
-        dist.all_to_all_single(dx, grad.contiguous(), ctx.in_splits, ctx.out_splits, group=ctx.group)
-        return dx, None, None, None
+        return _exchange(grad, ctx.in_splits, ctx.out_splits, ctx.group), None, None, None
 
 
 def all_to_all(x: Tensor, out_splits: list[int], in_splits: list[int], group: dist.ProcessGroup) -> Tensor:
     """Rows ``x[sum(in_splits[:r]) : ...]`` go to rank r; the result holds ``out_splits[r]`` rows from rank r,
     in rank order. Differentiable (the gradient travels back by the reverse all-to-all)."""
     return _AllToAll.apply(x, out_splits, in_splits, group)
+
+
+class _Fp8Dispatch(torch.autograd.Function):
+    """FP8 dispatch: bf16 rows (n, D) quantized 1x128, sent as e4m3 codes (uint8 on the wire) + fp32 scales.
+
+    Returns (values (m, D) fp32: the received codes dequantized, differentiable; codes (m, D) e4m3; scales
+    (m, D/128) fp32). The backward sends the values' gradient back in bf16 (the reverse all-to-all)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, out_splits: list[int], in_splits: list[int], group: dist.ProcessGroup):
+        ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
+        codes, scales = quantize_rowwise(x)
+        codes = _exchange(codes.view(torch.uint8), out_splits, in_splits, group).view(FP8_DTYPE)
+        scales = _exchange(scales, out_splits, in_splits, group)
+        ctx.mark_non_differentiable(codes, scales)
+        return dequantize_rowwise(codes, scales), codes, scales
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, _codes, _scales) -> tuple[Tensor, None, None, None]:
+        return _exchange(grad.to(torch.bfloat16), ctx.in_splits, ctx.out_splits, ctx.group), None, None, None
+
+
+def pad_fp8_rows(codes: Tensor, scales: Tensor, plan: RoutingPlan) -> tuple[Tensor, Tensor]:
+    """Pre-quantized rows (T, D) e4m3 + (T, D/128) fp32 -> GEMM1's rows operand on ``plan``'s padded layout:
+    ``(Mp, D)`` e4m3 and ``(D/128, Mp)`` fp32, zero on padding: the bits the fused block writes when it
+    quantizes the dispatched rows itself (:func:`fp8moe.moe.pieces.quantize_padded`)."""
+    source = plan.row_assignment // plan.top_k
+    valid = (source >= 0)[:, None]
+    index = source.clamp(min=0)
+    if codes.shape[0]:
+        q = torch.where(valid, codes.view(torch.uint8)[index], torch.zeros((), dtype=torch.uint8, device=codes.device))
+        s = torch.where(valid, scales[index], torch.zeros((), dtype=scales.dtype, device=scales.device))
+    else:
+        q = codes.new_zeros(index.numel(), codes.shape[1], dtype=torch.uint8)
+        s = scales.new_zeros(index.numel(), scales.shape[1])
+    return q.view(FP8_DTYPE), s.T.contiguous()
+
+
+# ------------------------------------------------------------------------------------------- token pairs
+
+
+def _sum_pairs(rows: Tensor, pos: Tensor) -> Tensor:
+    """rows (P, C) -> (T, C) fp32: ``out[t] = sum_r rows[pos[r, t]]`` over the ranks r in order (pos ==
+    P: no such pair)."""
+    out = rows.new_zeros(pos.shape[1], rows.shape[1], dtype=torch.float32)
+    if rows.shape[0] == 0:
+        return out
+    for pos_r in pos:
+        valid = (pos_r < rows.shape[0])[:, None]
+        out = out + torch.where(
+            valid, rows[pos_r.clamp(max=rows.shape[0] - 1)].float(), torch.zeros((), device=rows.device)
+        )
+    return out
+
+
+class _GatherPairs(torch.autograd.Function):
+    """x (T, C) -> (P, C): the row of each pair's token. Backward: the pairs' gradients summed per token in
+    rank order (fp32; deterministic, no atomics)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, pair_token: Tensor, pos: Tensor) -> Tensor:
+        ctx.save_for_backward(pos)
+        ctx.dtype = x.dtype
+        return x.index_select(0, pair_token)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        (pos,) = ctx.saved_tensors
+        return _sum_pairs(grad, pos).to(ctx.dtype), None, None
+
+
+class _SumPairs(torch.autograd.Function):
+    """partials (P, C) -> (T, C) fp32, each token's partials summed in rank order. Backward: dy of each
+    pair's token, in the partials' dtype."""
+
+    @staticmethod
+    def forward(ctx, partials: Tensor, pair_token: Tensor, pos: Tensor) -> Tensor:
+        ctx.save_for_backward(pair_token)
+        ctx.dtype = partials.dtype
+        return _sum_pairs(partials, pos)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        (pair_token,) = ctx.saved_tensors
+        return grad.index_select(0, pair_token).to(ctx.dtype), None, None
 
 
 class GlobalCounts:
@@ -102,32 +287,147 @@ class GlobalCounts:
         return total
 
 
+def _fingerprint(layer: MoE) -> list[int]:
+    """What every rank's layer must agree on (checked in the counts exchange)."""
+    return [layer.num_experts, layer.top_k, layer.d_model, layer.d_ff, ("bf16", "fp8").index(layer.precision),
+            int(layer.fp8_dispatch), layer.ep_size]  # fmt: skip
+
+
 def expert_parallel_experts(layer: MoE, tokens: Tensor, routing: Routing) -> Tensor:
     """The expert part of the layer under EP: tokens (T, D), their routing over the global E experts ->
-    (T, D) bf16 ``sum_j combine[t, j] * expert_{e_j}(tokens[t])`` (see the module docstring)."""
+    (T, D) in tokens' dtype, ``sum_j combine[t, j] * expert_{e_j}(tokens[t])`` (see the module docstring)."""
     group, ep, num_local = layer.ep_group, layer.ep_size, layer.num_local_experts
-    num_tokens, k, d_model = tokens.shape[0], layer.top_k, layer.d_model
-    counts = torch.diff(routing.offsets.long(), prepend=routing.offsets.new_zeros(1, dtype=torch.int64))
-    send_counts = counts.view(ep, num_local).contiguous()  # [destination rank, its local expert]
-    recv_counts = torch.empty_like(send_counts)  # [source rank, local expert]
-    dist.all_to_all_single(recv_counts, send_counts, group=group)
-    in_splits, out_splits = torch.stack([send_counts.sum(1), recv_counts.sum(1)]).tolist()  # the host read
-    num_received = sum(out_splits)
+    num_tokens, device = tokens.shape[0], tokens.device
+    experts = routing.experts
+    dest = experts // num_local  # (T, k) destination rank of each assignment
+    ranks = torch.arange(ep, device=device)
+    hit = (dest.unsqueeze(0) == ranks[:, None, None]).any(-1)  # (ep, T): pair (r, t) exists
+    send_counts = hit.sum(1)  # pairs to each rank
 
-    # Same assignment rows and expert-sorted order as the single-process layer.
-    assignments = tokens.to(torch.bfloat16).unsqueeze(1).expand(-1, k, -1).reshape(num_tokens * k, d_model)
-    sorted_x = assignments.index_select(0, routing.order)
-    received = all_to_all(sorted_x, out_splits, in_splits, group)
+    # The counts exchange with the layers' fingerprint, and the one host read.
+    fingerprint = torch.tensor(_fingerprint(layer), dtype=torch.int64, device=device)
+    message = torch.cat([send_counts[:, None], fingerprint.expand(ep, -1)], 1).contiguous()
+    received = torch.empty_like(message)
+    dist.all_to_all_single(received, message, group=group)
+    both = torch.stack([message, received]).tolist()
+    in_splits, out_splits = [row[0] for row in both[0]], [row[0] for row in both[1]]
+    for rank, row in enumerate(both[1]):
+        if row[1:] != both[0][0][1:]:
+            raise ValueError(
+                f"ep_group: the layer of EP rank {rank} differs from this rank's ({layer.ep_rank}): (num_experts, "
+                f"top_k, d_model, d_ff, precision, fp8_dispatch, ep_size) = {tuple(row[1:])} vs {tuple(both[0][0][1:])}"
+            )
+    num_pairs = sum(in_splits)
 
-    # Each source's rows arrive sorted by local expert: their ids follow from the received counts.
-    local_ids = torch.arange(num_local, device=tokens.device).repeat(ep)
-    local_ids = torch.repeat_interleave(local_ids, recv_counts.reshape(-1), output_size=num_received)
-    local_order = torch.argsort(local_ids, stable=True)
-    local_offsets = torch.cumsum(recv_counts.sum(0), 0).to(torch.int32)
-    out = layer._experts(received.index_select(0, local_order), local_offsets)
-    ungroup = torch.empty_like(local_order).scatter_(0, local_order, torch.arange(num_received, device=tokens.device))
-    returned = all_to_all(out.index_select(0, ungroup), in_splits, out_splits, group)
-    return layer._combine(returned, routing, num_tokens)
+    # Pairs in (rank, token) order: pos[r, t] is the pair's row in the send buffer (num_pairs if none).
+    flat_hit = hit.reshape(-1)
+    pos_flat = torch.where(flat_hit, torch.cumsum(flat_hit, 0) - 1, num_pairs)
+    pair_flat = torch.empty(num_pairs + 1, dtype=torch.int64, device=device)
+    pair_flat.scatter_(0, pos_flat, torch.arange(flat_hit.numel(), device=device))
+    pair_flat = pair_flat[:num_pairs]
+    pair_token, pair_rank = pair_flat % max(num_tokens, 1), pair_flat // max(num_tokens, 1)
+    pos = pos_flat.view(ep, num_tokens)
+
+    pair_experts = experts.index_select(0, pair_token)
+    local_ids = torch.where(pair_experts // num_local == pair_rank[:, None], pair_experts % num_local, -1)
+    pair_combine = _GatherPairs.apply(routing.combine, pair_token, pos)
+    pair_x = _GatherPairs.apply(tokens.to(torch.bfloat16), pair_token, pos)
+
+    recv_ids = _exchange(local_ids, out_splits, in_splits, group)
+    recv_combine = all_to_all(pair_combine, out_splits, in_splits, group)
+    if layer.fp8_dispatch:
+        recv_x, codes, scales = _Fp8Dispatch.apply(pair_x, out_splits, in_splits, group)
+        x_fp8 = (codes, scales)
+    else:
+        recv_x, x_fp8 = all_to_all(pair_x, out_splits, in_splits, group), None
+    partials = fused_experts(
+        recv_x,
+        layer.w_gate_up,
+        layer.w_down,
+        recv_ids,
+        recv_combine,
+        backend=layer.backend,
+        precision=layer.precision,
+        x_fp8=x_fp8,
+    )
+    returned = all_to_all(partials.to(torch.bfloat16), in_splits, out_splits, group)
+    return _SumPairs.apply(returned, pair_token, pos).to(tokens.dtype)
 
 
-__all__ = ["GlobalCounts", "all_to_all", "expert_parallel_experts", "group_size_and_rank"]
+# ------------------------------------------------------------------------------------ EP x DP, checkpoints
+
+
+def expert_data_parallel_groups(ep_size: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+    """(ep_group, expert_dp_group) of this process for EP x DP on the default (world) group.
+
+    The world's ``W = ep_size * dp_size`` ranks form ``dp_size`` EP groups of consecutive ranks
+    (``[d * ep_size, (d + 1) * ep_size)``: put them on one node, the all-to-alls are the heavy traffic) and
+    ``ep_size`` expert-DP groups of the ranks holding the same experts (``{e, e + ep_size, ...}``). Every rank
+    calls this (``new_group`` is collective). Gradients: the expert weights (``w_gate_up``, ``w_down``)
+    are averaged over ``expert_dp_group``; every replicated parameter (router, attention, embeddings, norms)
+    over the whole world (each rank saw its own tokens). See the README for the scaling of the losses.
+    """
+    world = dist.get_world_size()
+    if isinstance(ep_size, bool) or not isinstance(ep_size, int) or ep_size < 1 or world % ep_size:
+        raise ValueError(f"ep_size: expected a positive divisor of the world size {world}, got {ep_size!r}")
+    rank = dist.get_rank()
+    ep_group = dp_group = None
+    for d in range(world // ep_size):
+        g = dist.new_group(list(range(d * ep_size, (d + 1) * ep_size)))
+        if rank // ep_size == d:
+            ep_group = g
+    for e in range(ep_size):
+        g = dist.new_group(list(range(e, world, ep_size)))
+        if rank % ep_size == e:
+            dp_group = g
+    return ep_group, dp_group
+
+
+def _is_expert_key(key: str) -> bool:
+    return key.rsplit(".", 1)[-1] in EXPERT_KEYS
+
+
+def shard_expert_state_dict(state_dict: dict[str, Tensor], ep_size: int, ep_rank: int) -> dict[str, Tensor]:
+    """A single-process state dict (of a MoE layer or a whole model) -> the state dict of EP rank ``ep_rank``
+    of ``ep_size``: every ``*w_gate_up``/``*w_down`` (E, ...) sliced to its experts ``[r * El, (r + 1) * El)``,
+    everything else as is. No communication."""
+    if not 0 <= ep_rank < ep_size:
+        raise ValueError(f"ep_rank: expected 0 <= ep_rank < ep_size = {ep_size}, got {ep_rank}")
+    out = {}
+    for key, value in state_dict.items():
+        if _is_expert_key(key):
+            if value.shape[0] % ep_size:
+                raise ValueError(f"{key}: {value.shape[0]} experts are not divisible by ep_size {ep_size}")
+            num_local = value.shape[0] // ep_size
+            value = value[ep_rank * num_local : (ep_rank + 1) * num_local].clone()
+        out[key] = value
+    return out
+
+
+def gather_expert_state_dict(state_dict: dict[str, Tensor], group: dist.ProcessGroup) -> dict[str, Tensor]:
+    """An EP rank's state dict -> the single-process one (experts concatenated in rank order), on every rank
+    of ``group`` (collective: every rank calls it). Replicated entries are taken from this rank."""
+    size = dist.get_world_size(group)
+    out = {}
+    for key, value in state_dict.items():
+        if _is_expert_key(key):
+            parts = [torch.empty_like(value) for _ in range(size)]
+            dist.all_gather(parts, value.contiguous(), group=group)
+            value = torch.cat(parts)
+        out[key] = value
+    return out
+
+
+__all__ = [
+    "AllToAllRecord",
+    "EXPERT_KEYS",
+    "GlobalCounts",
+    "all_to_all",
+    "expert_data_parallel_groups",
+    "expert_parallel_experts",
+    "gather_expert_state_dict",
+    "group_size_and_rank",
+    "pad_fp8_rows",
+    "record_all_to_all",
+    "shard_expert_state_dict",
+]
