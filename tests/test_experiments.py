@@ -603,7 +603,7 @@ def test_train_moe_ep_under_torchrun(tmp_path):
         [*cmd, *argv, "--ep", "2", "--out", str(tmp_path / "ep")], env=env, capture_output=True, text=True, timeout=240
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    record = json.loads((tmp_path / "ep" / "torch_fp8.json").read_text())
+    record = json.loads((tmp_path / "ep" / "torch_fp8_seed0.json").read_text())
     assert "EP=2 x DP=1, fp8 dispatch" in record["expert_gemms"]
     assert len(record["train_loss"]) == 8 and all(np.isfinite(record["train_loss"]))
     held_out = [loss for _, loss in record["held_out"]]
