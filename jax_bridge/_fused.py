@@ -461,22 +461,7 @@ def fused_experts(
     _check("w_down", w_down, 3, FLOAT_DTYPES)
     _check("expert_ids", expert_ids, 2, ID_DTYPES)
     _check("combine", combine, 2, FLOAT_DTYPES)
-    num_tokens, d_model = x.shape
-    num_experts, two_f, _ = w_gate_up.shape
-    d_ff = two_f // 2
-    if d_model % BLOCK or d_model == 0:
-        raise ValueError(f"x: expected a last dimension that is a positive multiple of {BLOCK}, got {d_model}")
-    if two_f % (2 * BLOCK) or two_f == 0 or w_gate_up.shape[2] != d_model or num_experts == 0:
-        raise ValueError(
-            f"w_gate_up: expected shape (E, 2F, {d_model}) with E >= 1 and F a positive multiple of {BLOCK}, "
-            f"got {tuple(w_gate_up.shape)}"
-        )
-    if tuple(w_down.shape) != (num_experts, d_model, d_ff):
-        raise ValueError(f"w_down: expected shape {(num_experts, d_model, d_ff)}, got {tuple(w_down.shape)}")
-    if expert_ids.shape[0] != num_tokens or expert_ids.shape[1] < 1:
-        raise ValueError(f"expert_ids: expected shape ({num_tokens}, k) with k >= 1, got {tuple(expert_ids.shape)}")
-    if combine.shape != expert_ids.shape:
-        raise ValueError(f"combine: expected shape {tuple(expert_ids.shape)}, got {tuple(combine.shape)}")
+    num_tokens, d_model, num_experts, d_ff = torch_fused.check_block_shapes(x, w_gate_up, w_down, expert_ids, combine)
     if not isinstance(precision, str):
         raise TypeError(f"precision: expected a str, got {type(precision).__name__}")
     if precision not in PRECISIONS:

@@ -353,6 +353,29 @@ def _check_tensor(name: str, t: object, dims: int, dtypes: tuple[torch.dtype, ..
     return t
 
 
+def check_block_shapes(x, w_gate_up, w_down, expert_ids, combine) -> tuple[int, int, int, int]:
+    """The block's shape rules on anything with a ``.shape`` (torch tensors, JAX arrays): x (T, D) with D a
+    positive multiple of 128, w_gate_up (E, 2F, D) with E >= 1 and F a positive multiple of 128, w_down (E, D,
+    F), expert_ids and combine (T, k) with k >= 1. Returns (T, D, E, F); ValueError naming the argument."""
+    num_tokens, d_model = x.shape
+    num_experts, two_f, _ = w_gate_up.shape
+    d_ff = two_f // 2
+    if d_model % BLOCK or d_model == 0:
+        raise ValueError(f"x: expected a last dimension that is a positive multiple of {BLOCK}, got {d_model}")
+    if two_f % (2 * BLOCK) or two_f == 0 or w_gate_up.shape[2] != d_model or num_experts == 0:
+        raise ValueError(
+            f"w_gate_up: expected shape (E, 2F, {d_model}) with E >= 1 and F a positive multiple of {BLOCK}, "
+            f"got {tuple(w_gate_up.shape)}"
+        )
+    if tuple(w_down.shape) != (num_experts, d_model, d_ff):
+        raise ValueError(f"w_down: expected shape {(num_experts, d_model, d_ff)}, got {tuple(w_down.shape)}")
+    if expert_ids.shape[0] != num_tokens or expert_ids.shape[1] < 1:
+        raise ValueError(f"expert_ids: expected shape ({num_tokens}, k) with k >= 1, got {tuple(expert_ids.shape)}")
+    if tuple(combine.shape) != tuple(expert_ids.shape):
+        raise ValueError(f"combine: expected shape {tuple(expert_ids.shape)}, got {tuple(combine.shape)}")
+    return num_tokens, d_model, num_experts, d_ff
+
+
 def fused_experts(
     x: Tensor,
     w_gate_up: Tensor,
@@ -398,22 +421,7 @@ def fused_experts(
     w_down = _check_tensor("w_down", w_down, 3, _FLOAT_DTYPES)
     expert_ids = _check_tensor("expert_ids", expert_ids, 2, (torch.int32, torch.int64))
     combine = _check_tensor("combine", combine, 2, _FLOAT_DTYPES)
-    num_tokens, d_model = x.shape
-    num_experts, two_f, _ = w_gate_up.shape
-    d_ff = two_f // 2
-    if d_model % BLOCK or d_model == 0:
-        raise ValueError(f"x: expected a last dimension that is a positive multiple of {BLOCK}, got {d_model}")
-    if two_f % (2 * BLOCK) or two_f == 0 or w_gate_up.shape[2] != d_model:
-        raise ValueError(
-            f"w_gate_up: expected shape (E, 2F, {d_model}) with F a positive multiple of {BLOCK}, "
-            f"got {tuple(w_gate_up.shape)}"
-        )
-    if tuple(w_down.shape) != (num_experts, d_model, d_ff):
-        raise ValueError(f"w_down: expected shape {(num_experts, d_model, d_ff)}, got {tuple(w_down.shape)}")
-    if expert_ids.shape[0] != num_tokens or expert_ids.shape[1] < 1:
-        raise ValueError(f"expert_ids: expected shape ({num_tokens}, k) with k >= 1, got {tuple(expert_ids.shape)}")
-    if combine.shape != expert_ids.shape:
-        raise ValueError(f"combine: expected shape {tuple(expert_ids.shape)}, got {tuple(combine.shape)}")
+    num_tokens, d_model, num_experts, _ = check_block_shapes(x, w_gate_up, w_down, expert_ids, combine)
     for name, t in (("w_gate_up", w_gate_up), ("w_down", w_down), ("expert_ids", expert_ids), ("combine", combine)):
         if t.device != x.device:
             raise ValueError(f"{name}: expected device {x.device} (that of x), got {t.device}")
@@ -452,4 +460,4 @@ def fused_experts(
     return _FusedExperts.apply(x, w_gate_up, w_down, combine, plan, precision, key, cache_weight, x_fp8)
 
 
-__all__ = ["PASSES", "PRECISIONS", "SavedSpec", "fused_experts", "saved_spec"]
+__all__ = ["PASSES", "PRECISIONS", "SavedSpec", "check_block_shapes", "fused_experts", "saved_spec"]
