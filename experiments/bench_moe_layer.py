@@ -159,12 +159,12 @@ def torchao_rowwise() -> Callable | str:
 
 
 class TorchaoRowwiseMoE(MoE):
-    """The op-by-op layer with torchao's row-wise FP8 grouped GEMM for both expert GEMMs: x (M, K) bf16 and
+    """The op-by-op layer (``fused=False``) with torchao's row-wise FP8 grouped GEMM for both expert GEMMs: x (M, K) bf16 and
     the fp32 master weight (E, N, K), passed as B_t (E, K, N) in per-group column-major strides; torchao pads
     the token groups itself (``pad_token_groups_for_grouped_mm=True``, its default)."""
 
     def __init__(self, *args, rowwise: Callable, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, **(kwargs | {"fused": False}))
         self.rowwise = rowwise
 
     def _expert_mm(self, x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:

@@ -334,7 +334,15 @@ def test_emulated_bf16_model_matches_the_autocast_model():
     emulated = build_model(cfg, "fp8", "reference", seed=1, bf16_math="emulated")
     x = torch.randn(100, cfg.d_model, generator=torch.Generator().manual_seed(2))
     for block in emulated.blocks:
-        plain = MoE(cfg.d_model, cfg.d_ff, cfg.num_experts, cfg.top_k, precision="fp8", backend="reference")
+        plain = MoE(
+            cfg.d_model,
+            cfg.d_ff,
+            cfg.num_experts,
+            cfg.top_k,
+            precision="fp8",
+            backend="reference",
+            fused=block.moe.fused,
+        )
         plain.load_state_dict(block.moe.state_dict())
         with torch.no_grad():
             assert all(torch.equal(a, b) for a, b in zip(block.moe(x), plain(x)))
