@@ -9,8 +9,10 @@ row below on the same weights (seed 0, fp32 master weights) and the same bf16 to
 - ``op-fp8-deepgemm`` / ``op-fp8-triton``: today's op-by-op layer ``MoE(fused=False, precision="fp8")``;
 - ``op-bf16``: today's op-by-op bf16 layer ``MoE(fused=False, precision="bf16")``;
 - ``op-torchao``: the op-by-op layer with torchao's row-wise FP8 grouped GEMM
-  (``torchao.prototype.moe_training.fp8_grouped_mm._to_fp8_rowwise_then_scaled_grouped_mm``, torchao 0.18,
-  token groups padded by torchao) in place of both expert GEMMs;
+  (``torchao.prototype.moe_training.fp8_grouped_mm._to_fp8_rowwise_then_scaled_grouped_mm``, torchao 0.18)
+  in place of both expert GEMMs, each GEMM's token groups padded to multiples of 16 rows by the layer
+  (:class:`TorchaoRowwiseMoE`; torchao's own padding asserts in 0.18) and unpadded after it, the padding's
+  cost counted in the row;
 - ``fused-fp8-reference`` / ``op-fp8-reference``: the reference backend (the CPU smoke run's fp8 rows).
 
 "fwd" is the training forward ``y, aux = layer(x)`` (graph built, then dropped); "fwd+bwd" is
@@ -72,7 +74,12 @@ ROWS = {  # key: (label, fused, precision, backend)
     "op-fp8-triton": ("op-by-op fp8 (triton)", False, "fp8", "triton"),
     "op-fp8-reference": ("op-by-op fp8 (reference)", False, "fp8", "reference"),
     "op-bf16": ("op-by-op bf16 (today)", False, "bf16", "auto"),
-    "op-torchao": ("op-by-op, torchao row-wise FP8 GEMMs", False, "fp8", "torchao"),
+    "op-torchao": (
+        "op-by-op, torchao row-wise FP8 GEMMs (groups padded to 16 rows here, counted)",
+        False,
+        "fp8",
+        "torchao",
+    ),
 }
 GPU_ROWS = ("fused-fp8-deepgemm", "fused-fp8-triton", "fused-bf16", "op-fp8-deepgemm", "op-fp8-triton", "op-bf16")
 GPU_ROWS += ("op-torchao",)
@@ -158,17 +165,52 @@ def torchao_rowwise() -> Callable | str:
     return _to_fp8_rowwise_then_scaled_grouped_mm
 
 
+TORCHAO_GROUP_ROWS = 16  # torchao's row-wise grouped GEMM without its own padding: groups of a multiple of 16 rows
+
+
+def pad_groups(offsets: Tensor, num_rows: int, multiple: int = TORCHAO_GROUP_ROWS) -> tuple[Tensor, Tensor, int]:
+    """The layout of expert-sorted rows with each group padded with zero rows to a multiple of ``multiple``
+    (the 16-row analogue of :mod:`fp8moe.plan`'s 128-row layout), on the device, no host sync.
+
+    ``offsets`` (E,) int32 are the groups' ends over ``num_rows`` rows. Returns ``dest`` (num_rows,) int64,
+    the padded row of each row (unique), the padded groups' ends (E,) int32, and the padded row count, a
+    static bound ``num_rows + (multiple - 1) * E`` rounded up to ``multiple`` (rows past the last padded end
+    belong to no group)."""
+    ends = offsets.to(torch.int64)
+    sizes = torch.diff(ends, prepend=ends.new_zeros(1))
+    padded_sizes = (sizes + multiple - 1) // multiple * multiple
+    padded_ends = torch.cumsum(padded_sizes, 0)
+    shift = (padded_ends - padded_sizes) - (ends - sizes)  # each group's padded start minus its start
+    rows = torch.arange(num_rows, device=offsets.device)
+    group = torch.searchsorted(ends, rows, right=True).clamp_(max=max(ends.numel() - 1, 0))
+    bound = -(-(num_rows + (multiple - 1) * ends.numel()) // multiple) * multiple
+    return rows + shift[group], padded_ends.to(torch.int32), bound
+
+
 class TorchaoRowwiseMoE(MoE):
-    """The op-by-op layer with torchao's row-wise FP8 grouped GEMM for both expert GEMMs: x (M, K) bf16 and
-    the fp32 master weight (E, N, K), passed as B_t (E, K, N) in per-group column-major strides; torchao pads
-    the token groups itself (``pad_token_groups_for_grouped_mm=True``, its default)."""
+    """The op-by-op layer (``fused=False``) with torchao's row-wise FP8 grouped GEMM for both expert GEMMs:
+    x (M, K) bf16 and the fp32 master weight (E, N, K), passed as B_t (E, K, N) in per-group column-major
+    strides.
+
+    torchao 0.18 cannot pad the token groups itself (``pad_token_groups_for_grouped_mm=True``, its default,
+    asserts "not yet supported") and without that needs every group a multiple of 16 rows, which a router
+    does not give. So the layer pads: each GEMM's rows are scattered into a zeroed layout whose groups are
+    padded to multiples of 16 rows (:func:`pad_groups`, on the device, no host sync), torchao runs with
+    ``pad_token_groups_for_grouped_mm=False`` and the padded ends, and the output's real rows are gathered
+    back (both moves differentiable, unique indices). The padding's cost (the layout, the zero-fill, the
+    scatter and gather, forward and backward) is part of the row's time and memory."""
 
     def __init__(self, *args, rowwise: Callable, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, **(kwargs | {"fused": False}))
         self.rowwise = rowwise
 
     def _expert_mm(self, x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
-        return self.rowwise(x, w.transpose(-2, -1), offsets, out_dtype=torch.bfloat16)
+        dest, padded_offsets, padded_rows = pad_groups(offsets, x.shape[0])
+        padded = x.new_zeros(padded_rows, x.shape[1]).index_copy(0, dest, x)
+        out = self.rowwise(
+            padded, w.transpose(-2, -1), padded_offsets, out_dtype=torch.bfloat16, pad_token_groups_for_grouped_mm=False
+        )
+        return out.index_select(0, dest)
 
 
 def unavailable(key: str, device: str) -> str:

@@ -7,7 +7,8 @@
   quantizers ``fq_*``), sharing no code with :mod:`fp8moe.quant`;
 - the one benchmark timer, :func:`time_call` (CUDA events, host time, launches, GPU kernel time, peak
   memory; also for JAX callables), :func:`saved_tensor_bytes` (bytes saved for the backward) and
-  :func:`run_environment` (date, device, git commit, versions: a benchmark's header).
+  :func:`run_environment` (date, device, git commit, versions: a benchmark's header);
+- :func:`capture_cuda_graph`: warm a callable up outside a capture, then capture one call in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -27,6 +28,23 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from torch import Tensor
+
+
+def capture_cuda_graph(fn: Callable[[], Any], warmup: int = 1) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """``(graph, outputs)``: ``fn()`` run ``warmup`` times on a side stream (Triton's compilation and
+    autotuning, DeepGEMM's JIT, the allocator's first blocks: all outside the capture), then one call captured
+    in a CUDA graph. ``outputs`` are that call's results, in the graph's memory: each ``graph.replay()``
+    rewrites them from what the captured input tensors hold then (copy new values into those tensors first)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = fn()
+    return graph, outputs
 
 
 def sqnr_db(reference: Tensor, test: Tensor) -> float:

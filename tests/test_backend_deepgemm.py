@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fp8moe
-from fp8moe.testing import random_problem, sqnr_db
+from fp8moe.testing import capture_cuda_graph, random_problem, sqnr_db
 
 REASON = fp8moe.backend_info("cuda" if torch.cuda.is_available() else "cpu")["backends"]["deepgemm"]
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"deepgemm backend cannot run here: {REASON}")
@@ -111,14 +111,7 @@ def test_nan_in_x_reaches_its_rows():
 def test_forward_is_capturable_in_a_cuda_graph():
     x, w, offsets, _ = problem(5, routing=dict(empty_groups=2))
     fwd = lambda: fp8moe.grouped_mm(x, w, offsets, backend="deepgemm")  # noqa: E731
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fwd()  # warm-up: JIT and allocator outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = fwd()
+    graph, y = capture_cuda_graph(fwd)  # JIT and allocator warmed up outside the capture
     # new values (and a new routing) in the captured input buffers, then replay
     x2, w2, offsets2, _ = problem(6, routing=dict(empty_groups=1))
     x.copy_(x2), w.copy_(w2), offsets.copy_(offsets2)

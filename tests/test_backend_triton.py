@@ -22,7 +22,7 @@ import torch
 import fp8moe
 from fp8moe.backends import load_backend
 from fp8moe.plan import plan_groups
-from fp8moe.testing import backend_fwd_bwd, random_problem, sqnr_db
+from fp8moe.testing import backend_fwd_bwd, capture_cuda_graph, random_problem, sqnr_db
 
 pytest.importorskip("triton")
 from triton_checks import (
@@ -243,14 +243,7 @@ def test_whole_step_in_a_cuda_graph():
         y = fp8moe.grouped_mm(xs, ws, offs, backend="triton")
         return (y, *torch.autograd.grad(y, (xs, ws), dys))
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # compile and autotune outside the capture
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
+    graph, captured = capture_cuda_graph(step)  # compiled and autotuned outside the capture
     for seed, routing in ((7, {"empty_groups": 2, "tail_rows": 100}), (8, {"skew": 0.4})):
         x2, w2, offsets2, dy2 = problem(seed, routing=routing)
         with torch.no_grad():

@@ -334,7 +334,15 @@ def test_emulated_bf16_model_matches_the_autocast_model():
     emulated = build_model(cfg, "fp8", "reference", seed=1, bf16_math="emulated")
     x = torch.randn(100, cfg.d_model, generator=torch.Generator().manual_seed(2))
     for block in emulated.blocks:
-        plain = MoE(cfg.d_model, cfg.d_ff, cfg.num_experts, cfg.top_k, precision="fp8", backend="reference")
+        plain = MoE(
+            cfg.d_model,
+            cfg.d_ff,
+            cfg.num_experts,
+            cfg.top_k,
+            precision="fp8",
+            backend="reference",
+            fused=block.moe.fused,
+        )
         plain.load_state_dict(block.moe.state_dict())
         with torch.no_grad():
             assert all(torch.equal(a, b) for a, b in zip(block.moe(x), plain(x)))
@@ -431,23 +439,64 @@ def test_bench_moe_layer_shapes_rows_and_failures(monkeypatch):
 
 
 def test_bench_moe_layer_torchao_layer_passes_the_weights_as_torchao_wants_them(monkeypatch):
-    """The torchao row: B_t = w.transpose(-2, -1), (E, K, N) in per-group column-major strides, and the layer's
-    offsets. With a bf16 stand-in for torchao's GEMM it must be the op-by-op bf16 layer, bit for bit."""
+    """The torchao row: B_t = w.transpose(-2, -1), (E, K, N) in per-group column-major strides, the token
+    groups padded by the layer to multiples of 16 rows (zero rows) with torchao's own padding off, and the
+    output unpadded. With a bf16 stand-in for torchao's GEMM it must be the op-by-op bf16 layer, bit for bit,
+    forward and backward."""
     from experiments import bench_moe_layer
 
     seen = []
 
-    def stand_in(a, b_t, offs, out_dtype):
-        seen.append((b_t.shape, b_t.stride(), offs.dtype))
+    def stand_in(a, b_t, offs, out_dtype, pad_token_groups_for_grouped_mm=True):
+        assert pad_token_groups_for_grouped_mm is False  # torchao 0.18 asserts on its own padding
+        ends = offs.long()
+        sizes = torch.diff(ends, prepend=ends.new_zeros(1))
+        assert sizes.remainder(16).eq(0).all(), sizes  # what torchao needs without its padding
+        assert a[int(ends[-1]) :].eq(0).all()  # rows past the last group: zeros, in no group
+        seen.append((b_t.shape, b_t.stride(), offs.dtype, sizes, a.detach().clone(), ends))
         return torch._grouped_mm(a, b_t.to(torch.bfloat16), offs=offs).to(out_dtype)
 
     monkeypatch.setattr(bench_moe_layer, "torchao_rowwise", lambda: stand_in)
-    shape = bench_moe_layer.parse_shape("64:128:128:4:2")
-    x = torch.randn(64, 128).to(torch.bfloat16)
-    ys = [bench_moe_layer.build_layer(key, shape, "cpu")(x)[0] for key in ("op-torchao", "op-bf16")]
-    assert torch.equal(*ys)
+    shape = bench_moe_layer.parse_shape("61:128:128:4:2")  # T*k = 122 rows: groups of a router's sizes
+    x = torch.randn(61, 128).to(torch.bfloat16)
+    results = []
+    for key in ("op-torchao", "op-bf16"):
+        layer = bench_moe_layer.build_layer(key, shape, "cpu")
+        assert layer.fused is False
+        xr = x.clone().requires_grad_()
+        y, aux = layer(xr)
+        (y.float().square().sum() + aux).backward()
+        results.append([y, xr.grad, *(p.grad for p in layer.parameters())])
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+    assert len(seen) == 2  # both expert GEMMs of the forward went through torchao (the backward is autograd's)
     (e, k, n), strides = seen[0][0], seen[0][1]
     assert (e, k, n) == (4, 128, 256) and strides == (k * n, 1, k) and seen[0][2] == torch.int32
+    sizes, padded, ends = seen[0][3], seen[0][4], seen[0][5]
+    assert sizes.sum() > 122 and padded.shape[0] == 192  # padding happened; the bound: 122 + 15 * 4 -> 192
+    real = torch.zeros(padded.shape[0], dtype=torch.bool)  # the zero padding rows sit at each group's end
+    starts = ends - sizes
+    routed = torch.diff(layer_offsets(bench_moe_layer, shape, x), prepend=torch.zeros(1, dtype=torch.long))
+    for s0, r in zip(starts.tolist(), routed.tolist()):
+        real[s0 : s0 + r] = True
+    assert padded[~real].eq(0).all() and padded[real].abs().sum(-1).gt(0).all()
+
+
+def layer_offsets(bench_moe_layer, shape, x):
+    """The group ends (int64) that the seed-0 layer of ``shape`` routes x into."""
+    from fp8moe.moe import route
+
+    layer = bench_moe_layer.build_layer("op-bf16", shape, "cpu")
+    return route(x, layer.router.weight, shape.top_k).offsets.long()
+
+
+def test_bench_moe_layer_pad_groups_maps_rows_into_16_row_groups():
+    from experiments.bench_moe_layer import pad_groups
+
+    offsets = torch.tensor([0, 5, 5, 21, 38], dtype=torch.int32)  # an empty first and third group, one of 16
+    dest, padded_ends, rows = pad_groups(offsets, 38)
+    assert padded_ends.tolist() == [0, 16, 16, 32, 64] and rows == 128  # 38 + 15 * 5 rounded up to 16
+    assert dest.tolist() == [*range(0, 5), *range(16, 32), *range(32, 49)]
 
 
 def test_train_moe_seeds_report_the_gap_mean_and_spread_and_plot_each_seed(tmp_path, monkeypatch):

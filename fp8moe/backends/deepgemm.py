@@ -15,7 +15,8 @@
   gradient-accumulation buffer with no zeroing. It needs the padded group sizes as a host list: the one
   device-to-host read of the layer, issued when the backward starts and waited for only at the wgrad
   launch, after the quantization and the dgrad GEMM are queued.
-The forward has no host synchronisation (CUDA-graph capturable).
+The forward has no host synchronisation (CUDA-graph capturable); a backward with a weight gradient under
+capture raises a RuntimeError saying so (tests/test_moe_cuda_graph.py).
 """
 
 from __future__ import annotations
@@ -178,7 +179,14 @@ class DeepGEMMKGrouped:
             plan.padded_sizes_on_host()
 
     def prepare(self, plan: GroupLayout) -> WgradGemm:
-        """Start the host read if the forward did not; wait for it only at the wgrad launch."""
+        """Start the host read if the forward did not; wait for it only at the wgrad launch. Not in a CUDA
+        graph capture: a graph cannot hold the read, and the group sizes it gives would be frozen in it."""
+        if plan.data.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "backend='deepgemm': the weight gradient (DeepGEMM's K-grouped GEMM) takes the padded group sizes "
+                "as a host list, the backward's one device-to-host read, which a CUDA graph cannot hold (a graph "
+                "would freeze the routing); capture the forward only, or use backend='triton' (fwd+bwd capturable)"
+            )
         ks_host, ks_ready = plan.padded_sizes_on_host()
 
         def wgrad(

@@ -5,7 +5,7 @@
 - :mod:`fp8moe.moe.fused`: :func:`fused_experts`, dispatch -> GEMM -> SwiGLU -> GEMM -> combine as one
   autograd function on the padded layout;
 - :mod:`fp8moe.moe.pieces`: its memory passes in plain torch (the ground truth of their kernels);
-- :mod:`fp8moe.moe.layer`: :class:`MoE`, the layer (op by op, or ``fused=True``);
+- :mod:`fp8moe.moe.layer`: :class:`MoE`, the layer (the fused block by default, or op by op with ``fused=False``);
 - :mod:`fp8moe.moe.parallel`: expert parallelism over a ``torch.distributed`` group (``MoE(ep_group=...)``:
   each token sent once per rank, FP8 dispatch, the fused block per rank; EP x DP groups, state-dict resharding).
 """

@@ -328,7 +328,8 @@ class _FusedExperts(torch.autograd.Function):
     def backward(ctx, dy):
         if torch.is_grad_enabled():
             raise RuntimeError(
-                "fp8moe.moe.fused_experts is differentiable once: its backward was called with create_graph=True"
+                "fp8moe.moe.fused_experts is differentiable once: its backward was called with create_graph=True; "
+                "for second-order gradients use the op-by-op bf16 layer, MoE(..., precision='bf16', fused=False)"
             )
         return _FusedExperts._backward(ctx, dy)
 

@@ -1,13 +1,17 @@
 """A Mixture-of-Experts feed-forward layer (top-k softmax or sigmoid router, SwiGLU experts) on grouped GEMMs.
 
-``MoE(d_model, d_ff, num_experts, top_k, precision="fp8" | "bf16")`` runs its two expert GEMMs (the fused
-gate/up projection and the down projection) through :func:`fp8moe.grouped_mm` (blockwise FP8) or through
-``torch._grouped_mm`` in bf16, so the same model trains both ways. Everything else (router, permutation,
-SwiGLU, un-permutation) is identical in both precisions. The JAX twin is ``jax_bridge.moe.moe_layer``.
+``MoE(d_model, d_ff, num_experts, top_k, precision="fp8" | "bf16")`` runs its experts as one fused block
+(:func:`fp8moe.moe.fused_experts`: dispatch straight into the padded GEMM layout, the activations kept
+padded between the GEMMs, combine read from the padded rows), its two expert GEMMs (the fused gate/up
+projection and the down projection) in blockwise FP8 or in bf16 (``torch._grouped_mm``) with the same
+routing, dispatch, SwiGLU and combine code, so the same model trains both ways and only the GEMMs differ.
+The JAX twin is ``jax_bridge.moe.moe_layer`` (also fused by default).
 
-``fused=True`` runs the experts as one fused block instead (:func:`fp8moe.moe.fused_experts`: dispatch
-straight into the padded GEMM layout, the activations kept padded between the GEMMs, combine read from the
-padded rows), in either precision with the same routing, dispatch, SwiGLU and combine code.
+``fused=False`` runs the experts op by op instead: two :func:`fp8moe.grouped_mm` (or ``torch._grouped_mm``)
+calls on the expert-sorted rows with bf16 activations between them and a bf16 combine (the layer before
+the fused block; slower and with a higher peak, see experiments/results/README.md). It is the layer that
+gives second-order gradients in bf16: the fused block is differentiable once (``create_graph=True`` raises
+a RuntimeError naming ``fused=False``).
 
 ``ep_group=group`` (a ``torch.distributed`` process group) spreads the experts over the group's ranks
 (expert parallelism, :mod:`fp8moe.moe.parallel`): each rank holds E / ep_size of them and routes its own
@@ -60,9 +64,9 @@ class MoE(nn.Module):
             (``torch._grouped_mm`` on the weights cast to bf16).
         backend: fp8moe backend for ``precision="fp8"`` ("auto", "reference", "triton", "deepgemm").
         fused: run the experts as one fused block (:func:`fp8moe.moe.fused_experts`; y accumulated in fp32
-            and returned in x's dtype) instead of two ``grouped_mm`` calls with bf16 activations between
-            them and a bf16 combine. None (default): True under ``ep_group`` (the only local path there;
-            ``fused=False`` with ``ep_group`` is a ValueError), False otherwise.
+            and returned in x's dtype); None (default) means True. False: two ``grouped_mm`` calls with
+            bf16 activations between them and a bf16 combine (op by op; supports ``create_graph=True`` in
+            bf16; a ValueError with ``ep_group``, whose local path is the fused block).
         score: the router, "softmax" (top-k of the softmax) or "sigmoid" (DeepSeek-V3: top-k of sigmoid
             scores plus the ``expert_bias`` buffer, which only selects; see :meth:`update_expert_bias`).
         ep_group: a ``torch.distributed`` process group for expert parallelism (None: all experts here).
@@ -126,7 +130,7 @@ class MoE(nn.Module):
                 )
         if fp8_dispatch and (ep_group is None or precision != "fp8"):
             raise ValueError("fp8_dispatch: needs ep_group and precision='fp8'")
-        fused = ep_group is not None if fused is None else fused
+        fused = True if fused is None else fused
         fp8_dispatch = ep_group is not None and precision == "fp8" if fp8_dispatch is None else fp8_dispatch
         self.fp8_dispatch = fp8_dispatch
         self.ep_group, self.ep_size, self.ep_rank = ep_group, ep_size, ep_rank
@@ -188,7 +192,8 @@ class MoE(nn.Module):
         return torch.bmm(routing.combine.to(out.dtype).unsqueeze(1), per_token).squeeze(1)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x (..., D) -> (y (..., D) in x's dtype, aux_loss () fp32). Expert activations are bf16.
+        """x (..., D) -> (y (..., D) in x's dtype, aux_loss () fp32). Expert activations are bf16 (op by op)
+        or as the fused block keeps them (h bf16, a fp32 until quantized).
 
         x must be a floating-point tensor; ``...`` may hold zero tokens (then y is empty and aux_loss is 0).
         """

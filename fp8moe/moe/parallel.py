@@ -28,7 +28,8 @@ experts, the partial dx back) and the fp32 combine-weight gradients. Gradients o
 weights of a token's pairs are summed at the source in rank order too.
 
 **Local path.** Under EP the local experts always run the fused block (``MoE(fused=None)``, the default,
-resolves to True under ``ep_group``; ``fused=False`` is a ValueError): the partial sums are its combine.
+resolves to True, as everywhere; ``fused=False`` is a ValueError under ``ep_group``): the partial sums are
+its combine.
 
 **Same results as the single-process layer** (``MoE(fused=True)`` holding all E experts, on the concatenation
 of the ranks' shards, x in bf16 — the dispatch dtype; tested on the reference backend, bf16 and fp8):
