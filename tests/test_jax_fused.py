@@ -387,7 +387,13 @@ def test_prequantized_rows_x_fp8_match_the_torch_block_and_quantizing_in_the_blo
     forward = jax.jit(lambda x, q: jax_bridge.fused_experts(x, w1, w2, ids, c, backend="reference", x_fp8=q))
     assert same(forward(x, as_fp8), to_torch(own[1]))
     y_t = torch_fused_experts(
-        to_torch(x), to_torch(w1), to_torch(w2), to_torch(ids), to_torch(c), backend="reference", x_fp8=(codes_t, scales_t)
+        to_torch(x),
+        to_torch(w1),
+        to_torch(w2),
+        to_torch(ids),
+        to_torch(c),
+        backend="reference",
+        x_fp8=(codes_t, scales_t),
     )
     assert same(own[1], y_t)  # x bf16: y bf16 in both
     call = functools.partial(jax_bridge.fused_experts, x, w1, w2, ids, c, backend="reference")
