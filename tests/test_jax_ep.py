@@ -216,6 +216,13 @@ if PRECISION == "fp8":  # what travels: FP8 dispatch sends uint8 codes + fp32 sc
     wire = exchanged(lambda p, x: parallel.ep_moe_layer(p, x, mesh=mesh, **OPTIONS))
     assert "128xui8" in wire and "1xf32" in wire and "128xbf16" not in wire, wire
     assert "128xbf16" in exchanged(lambda p, x: parallel.ep_moe_layer(p, x, mesh=mesh, fp8_dispatch=False, **OPTIONS))
+    # The ragged all-to-all (GPUs) does not compile on XLA:CPU, but the step traces and lowers with it: the
+    # codes travel as uint8 there too, and the wire's backward (the reverse ragged exchange) is in the program.
+    ragged = lambda p, x: parallel.ep_moe_layer(p, x, mesh=mesh, all_to_all="ragged_all_to_all", **OPTIONS)
+    loss = lambda p, x: jnp.sum(ragged(p, x)[0].astype(F32) ** 2)
+    text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(sharded, xs).as_text()
+    assert re.search(r"ragged_all_to_all.*-> tensor<64x128xui8>", text), "no uint8 ragged all-to-all"
+    assert len(re.findall(r"ragged_all_to_all.*-> tensor<64x128xf32>", text)) == 3  # partials, dy, dx
 print("ok")
 """
 
