@@ -37,8 +37,9 @@ in fp32, straight through the wire's rounding (bf16 or FP8, as torch's FP8 dispa
 from its devices are summed in fp32, rounded once to x's dtype.
 
 Bytes per received row (D columns, k slots), fused block: forward 2D (bf16 rows) or D + 4D/128 (FP8
-dispatch), 8k (ids, combine weights), 4D back (the fp32 partial); backward 4D (dy) out and 4D (dx) + 4k (dc)
-back. The op-by-op block: the same, with bf16 rows and bf16 dx.
+dispatch), 8k (ids, combine weights), 4D back (the fp32 partial); backward 2D (dy in bf16: y is rounded to
+bf16, so its cotangent holds bf16 values; 4D for an fp32 x) out and 4D (dx) + 4k (dc) back. The op-by-op
+block: the same, with bf16 rows and bf16 dx.
 
 Numerics against the unsharded :func:`jax_bridge.moe_layer` with the same ``fused`` on the concatenated token
 shards (tested on the reference backend; with ``fused=True`` on x in bf16, the dispatch dtype: for an fp32 x
@@ -288,6 +289,25 @@ def _through_wire_bwd(axis, impl, sizes, ct):
 _through_wire.defvjp(_through_wire_fwd, _through_wire_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _send_back(partial: jax.Array, sizes: Any, axis: str, impl: str, dy_wire: Any) -> jax.Array:
+    """The fp32 partial outputs back to their sources (the reverse exchange); the cotangent travels the other
+    way as ``dy_wire`` (bf16 where it holds bf16 values: half the bytes, the same bits), then fp32."""
+    del dy_wire
+    return _exchange(partial, axis, impl, None if sizes is None else sizes[::-1], 0)
+
+
+def _send_back_fwd(partial, sizes, axis, impl, dy_wire):
+    return _send_back(partial, sizes, axis, impl, dy_wire), sizes
+
+
+def _send_back_bwd(axis, impl, dy_wire, sizes, ct):
+    return _exchange(ct.astype(dy_wire), axis, impl, sizes, 0).astype(jnp.float32), None
+
+
+_send_back.defvjp(_send_back_fwd, _send_back_bwd)
+
+
 def moe_layer_ep(
     params: dict[str, jax.Array],
     x: jax.Array,
@@ -403,7 +423,10 @@ def moe_layer_ep(
         .reshape(n, num_tokens, d_model)
     )
 
-    back = _exchange(partial, axis, impl, None if sizes is None else sizes[::-1], 0)  # block d: from device d
+    # y's cotangent holds bf16 values when y is rounded to bf16 (the op-by-op block, or x in bf16): dy then
+    # travels to the experts as bf16, losslessly; else as fp32
+    dy_wire = jnp.dtype(jnp.bfloat16 if not wide or x.dtype == jnp.bfloat16 else jnp.float32)
+    back = _send_back(partial, sizes, axis, impl, dy_wire)  # block d: from device d
     inverse = jnp.argsort(perm, axis=1)  # token t's row in block d
     parts = jnp.where(sends[..., None], jnp.take_along_axis(back, inverse[..., None], axis=1), 0.0)
     if wide:  # the fused block's y: the fp32 sum of the slots, rounded once to x's dtype
