@@ -3,7 +3,9 @@ child process with ``XLA_FLAGS=--xla_force_host_platform_device_count=4``) again
 ``jax_bridge.moe_layer`` on the same parameters and tokens, reference backend.
 
 Each child compiles the EP step and the unsharded step once (jit of grad) and runs them on three routings of
-the same shapes (balanced, skewed, one device taking every assignment while the three others get none)."""
+the same shapes (balanced, skewed, one device taking every assignment while the three others get none): the
+op-by-op block (``fused=False``) against ``moe_layer(fused=False)``, and the fused block (the default) against
+``moe_layer(fused=True)`` on x in bf16, with FP8 dispatch (fp8's default) against bf16 dispatch."""
 
 from __future__ import annotations
 
