@@ -53,6 +53,7 @@ from fp8moe.moe import fused as torch_fused
 from fp8moe.moe.fused import SavedSpec, saved_spec
 from fp8moe.moe.routing import RoutingPlan, plan_routing
 from fp8moe.plan import GroupLayout, padded_rows_bound, plan_data_size
+from fp8moe.quant.reference import quantize_rowwise
 from fp8moe.recipe import BLOCK, FP8_DTYPE
 from jax_bridge._callbacks import as_torch, on_xla_stream
 from jax_bridge._grouped_mm import _platform_of, _torch_device, _vary, _varying_axes
@@ -159,7 +160,8 @@ class FusedForwardCallback:
     ``out``: y (T, D) in x's dtype; then, when any gradient is needed, the plan (offsets (E,), packed plan,
     pos and row_assignment as int32 pairs) and the saved tensors that are not inputs, in ``spec`` order.
     With ``prequantized``, eight more inputs: (wq, sw, wq_t, sw_t) of w_gate_up, then of w_down (FP8 as
-    uint8), used instead of quantizing the weights."""
+    uint8), used instead of quantizing the weights. With ``x_fp8``, two more (last): x's 1x128 codes (T, D)
+    uint8 and scales (T, D/128) fp32, GEMM1's rows instead of quantizing x (the torch block's ``x_fp8=``)."""
 
     precision: str
     key: str
@@ -167,10 +169,15 @@ class FusedForwardCallback:
     spec: Spec
     inputs: tuple[tuple[str, bool], ...]  # saved keys that are the block's inputs
     prequantized: bool = False
+    x_fp8: bool = False
 
     def __call__(self, ctx: Any, out: Sequence[Any], x: Any, w1: Any, w2: Any, ids: Any, c: Any, *q: Any) -> None:
         with on_xla_stream(ctx, x):
             x_t, w1_t, w2_t, ids_t, c_t = (as_torch(b) for b in (x, w1, w2, ids, c))
+            x_fp8 = None
+            if self.x_fp8:
+                *q, codes, scales = q
+                x_fp8 = (_view(codes, FP8_DTYPE), as_torch(scales))
             q1 = q2 = None
             if self.prequantized:
                 qt = [_view(b, FP8_DTYPE) if i % 2 == 0 else as_torch(b) for i, b in enumerate(q)]
@@ -199,7 +206,7 @@ class FusedForwardCallback:
             else:
                 gemms = torch_fused._Bf16Gemms()
             with torch.autocast(x_t.device.type, enabled=False):
-                y, saved = torch_fused._block_forward(gemms, x_t, w1_t, w2_t, c_t, plan, self.needs)
+                y, saved = torch_fused._block_forward(gemms, x_t, w1_t, w2_t, c_t, plan, self.needs, x_fp8)
             _store("y", y_out, y)
             passed = {"c": c_t, "w1_t": q1[2:] if q1 else w1_t, "w2_t": q2[2:] if q2 else w2_t}
             for key, entry in self.spec:
@@ -284,6 +291,18 @@ class QuantizeWeightCallback:
             _store("sw", sw_out, sw)
 
 
+@dataclass(frozen=True)
+class QuantizeRowsCallback:
+    """``(ctx, out, x)``: the recipe's 1x128 quantization of x (R, D) into ``out`` = (codes (R, D) uint8, scales
+    (R, D/128) fp32): :func:`fp8moe.quant.reference.quantize_rowwise`, what the torch EP layer sends."""
+
+    def __call__(self, ctx: Any, out: Sequence[Any], x: Any) -> None:
+        with on_xla_stream(ctx, x):
+            codes, scales = quantize_rowwise(as_torch(x))
+            _store("codes", _view(out[0], FP8_DTYPE), codes)
+            _store("scales", as_torch(out[1]), scales)
+
+
 # --- the JAX side ------------------------------------------------------------------------------------------------
 
 
@@ -337,7 +356,7 @@ def _passthrough(cfg: _Config, spec: Spec, c, w1, w2, q) -> dict[str, tuple[jax.
     return result
 
 
-def _forward(cfg: _Config, x, w1, w2, ids, c, q, needs) -> tuple[jax.Array, _Residuals | None]:
+def _forward(cfg: _Config, x, w1, w2, ids, c, q, xq, needs) -> tuple[jax.Array, _Residuals | None]:
     (t, _), (e, _, _), k = x.shape, w1.shape, ids.shape[1]
     m, spec = t * k, _spec(cfg, x, w1, ids, c, needs)
     passed = _passthrough(cfg, spec, c, w1, w2, q)
@@ -354,9 +373,15 @@ def _forward(cfg: _Config, x, w1, w2, ids, c, q, needs) -> tuple[jax.Array, _Res
         shapes += [jax.ShapeDtypeStruct(p.shape, _JAX[p.dtype]) for _, _, p in _entries(spec, inputs)]
     quantized = () if q is None else (*q[0], *q[1])
     callback = FusedForwardCallback(
-        cfg.precision, cfg.key, needs, spec, tuple(sorted(inputs.items())), prequantized=q is not None
+        cfg.precision,
+        cfg.key,
+        needs,
+        spec,
+        tuple(sorted(inputs.items())),
+        prequantized=q is not None,
+        x_fp8=xq is not None,
     )
-    operands = (x, w1, w2, ids, c, *quantized)
+    operands = (x, w1, w2, ids, c, *quantized, *(() if xq is None else xq))
     axes = frozenset().union(*(_varying_axes(a) for a in operands))
     y, *rest = (_vary(r, axes) for r in buffer_callback(callback, tuple(shapes))(*operands))
     if not any(needs):
@@ -375,20 +400,22 @@ def _forward(cfg: _Config, x, w1, w2, ids, c, q, needs) -> tuple[jax.Array, _Res
     return y, _Residuals(plan, tuple(saved), needs, spec, dtypes, dims)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _fused(x, w1, w2, ids, c, q, cfg: _Config) -> jax.Array:
-    return _forward(cfg, x, w1, w2, ids, c, q, (False,) * 4)[0]  # no gradient: the inference path, nothing saved
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _fused(x, w1, w2, ids, c, q, xq, cfg: _Config) -> jax.Array:
+    return _forward(cfg, x, w1, w2, ids, c, q, xq, (False,) * 4)[0]  # no gradient: the inference path
 
 
-def _fused_fwd(x: CustomVJPPrimal, w1, w2, ids, c, q, cfg: _Config):
+def _fused_fwd(x: CustomVJPPrimal, w1, w2, ids, c, q, xq, cfg: _Config):
     needs = (x.perturbed, w1.perturbed, w2.perturbed, c.perturbed)
-    quantized = jax.tree_util.tree_map(lambda p: p.value, q, is_leaf=lambda p: isinstance(p, CustomVJPPrimal))
-    return _forward(cfg, x.value, w1.value, w2.value, ids.value, c.value, quantized, needs)
+    quantized, x_fp8 = jax.tree_util.tree_map(
+        lambda p: p.value, (q, xq), is_leaf=lambda p: isinstance(p, CustomVJPPrimal)
+    )
+    return _forward(cfg, x.value, w1.value, w2.value, ids.value, c.value, quantized, x_fp8, needs)
 
 
 def _fused_bwd(cfg: _Config, res: _Residuals | None, dy) -> tuple[Any, ...]:
     if res is None or isinstance(dy, SymbolicZero):
-        return None, None, None, None, None, None
+        return None, None, None, None, None, None, None
     t, k, e, d, f = res.dims
     shapes = [(t, d), (e, 2 * f, d), (e, d, f), (t, k)]
     out = tuple(jax.ShapeDtypeStruct(s, dt) for s, dt, need in zip(shapes, res.dtypes, res.needs) if need)
@@ -398,7 +425,7 @@ def _fused_bwd(cfg: _Config, res: _Residuals | None, dy) -> tuple[Any, ...]:
     axes = _varying_axes(dy) | frozenset().union(*(_varying_axes(a) for a in res.plan))
     grads = iter(_vary(g, axes) for g in buffer_callback(callback, out)(dy, *res.plan, *res.saved))
     dx, dw1, dw2, dc = (next(grads) if need else None for need in res.needs)
-    return dx, dw1, dw2, None, dc, None
+    return dx, dw1, dw2, None, dc, None, None
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd, symbolic_zeros=True)
@@ -423,6 +450,7 @@ def fused_experts(
     backend: str = "auto",
     precision: str = "fp8",
     quantized_weights: tuple[QuantizedWeight, QuantizedWeight] | None = None,
+    x_fp8: tuple[jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
     """Routed SwiGLU experts as one fused block, ``y[t] = sum_j combine[t, j] * expert_{e_tj}(x[t])``: the JAX
     face of :func:`fp8moe.moe.fused_experts` (same arguments, rules and bits).
@@ -444,6 +472,11 @@ def fused_experts(
             calls (fp8 only): the block then uses them instead of quantizing the weights itself (the torch
             block's weight cache). They must be the quantization of the weights passed (not checked); the weight
             gradients still reach ``w_gate_up`` and ``w_down``.
+        x_fp8: x already quantized 1x128, ``(codes (T, D) uint8 (e4m3 bits) or float8_e4m3fn, scales (T, D/128)
+            float32)`` (e.g. :func:`quantize_rows`; FP8 dispatch under expert parallelism), fp8 only: GEMM1's
+            rows are these codes, not re-quantized (the torch block's ``x_fp8=``). x must hold the values they
+            decode to (not checked) and is used for the rest: GEMM1's token tiles for ``w_gate_up``'s gradient
+            are quantized from x (a second quantization), dx comes back in x's dtype. Not differentiable.
 
     Returns:
         y: (T, D) in x's dtype, accumulated in fp32 from the bf16 expert outputs. Differentiable in x, the
@@ -475,15 +508,21 @@ def fused_experts(
         if precision != "fp8":
             raise ValueError("quantized_weights: only with precision='fp8'")
         q = _check_quantized(quantized_weights, w_gate_up, w_down)
+    xq = None
+    if x_fp8 is not None:
+        if precision != "fp8":
+            raise ValueError("x_fp8: pre-quantized rows need precision='fp8'")
+        xq = _check_rows_fp8(x_fp8, num_tokens, d_model)
     device = _torch_device(_platform_of(x))
     key = resolve_backend(backend, device) if precision == "fp8" else ""
     if precision == "bf16":  # the torch block's w.to(bf16), done by XLA: the callback then saves the input itself
         w_gate_up, w_down = w_gate_up.astype(jnp.bfloat16), w_down.astype(jnp.bfloat16)
     operands = (x, w_gate_up, w_down, expert_ids, combine)
-    axes = frozenset().union(*(_varying_axes(a) for a in (*operands, *jax.tree_util.tree_leaves(q))))
+    leaves = (*operands, *jax.tree_util.tree_leaves(q), *jax.tree_util.tree_leaves(xq))
+    axes = frozenset().union(*(_varying_axes(a) for a in leaves))
     x, w_gate_up, w_down, expert_ids, combine = (_vary(jnp.asarray(a), axes) for a in operands)
-    q = jax.tree_util.tree_map(lambda a: _vary(a, axes), q)
-    return _fused(x, w_gate_up, w_down, expert_ids, combine, q, _Config(precision, key))
+    q, xq = jax.tree_util.tree_map(lambda a: _vary(a, axes), (q, xq))
+    return _fused(x, w_gate_up, w_down, expert_ids, combine, q, xq, _Config(precision, key))
 
 
 class QuantizedWeight(NamedTuple):
@@ -525,6 +564,55 @@ def quantize_weight(w: jax.Array, *, backend: str = "auto") -> QuantizedWeight:
     w = jax.lax.stop_gradient(w)
     axes = _varying_axes(w)
     return QuantizedWeight(*(_vary(a, axes) for a in buffer_callback(QuantizeWeightCallback(key), tuple(shapes))(w)))
+
+
+def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Quantize token rows 1x128 (one scale per row and 128 columns), the recipe's rowwise quantization
+    (:func:`fp8moe.quant.reference.quantize_rowwise`, through one callback): the tiles of GEMM1's rows, so
+    ``fused_experts(x, ..., x_fp8=quantize_rows(x))`` gives the forward of ``fused_experts(x, ...)`` bit for bit.
+    FP8 dispatch under expert parallelism sends these instead of bf16 rows (:mod:`jax_bridge.parallel`).
+
+    Args:
+        x: (R, D) bfloat16 or float32, D a positive multiple of 128.
+
+    Returns:
+        (codes (R, D) uint8: the e4m3 bits; scales (R, D/128) float32 dequantization scales). Not
+        differentiable; :func:`dequantize_rows` decodes them.
+    """
+    _check("x", x, 2, FLOAT_DTYPES)
+    rows, d = x.shape
+    if d % BLOCK or d == 0:
+        raise ValueError(f"x: expected a last dimension that is a positive multiple of {BLOCK}, got {d}")
+    shapes = (jax.ShapeDtypeStruct((rows, d), jnp.uint8), jax.ShapeDtypeStruct((rows, d // BLOCK), jnp.float32))
+    x = jax.lax.stop_gradient(x)
+    axes = _varying_axes(x)
+    codes, scales = (_vary(a, axes) for a in buffer_callback(QuantizeRowsCallback(), shapes)(x))
+    return codes, scales
+
+
+def dequantize_rows(codes: jax.Array, scales: jax.Array) -> jax.Array:
+    """(codes (R, D) uint8 e4m3 bits, scales (R, D/128) fp32) -> (R, D) fp32 ``code * scale``, in JAX: the bits
+    of :func:`fp8moe.quant.reference.dequantize_rowwise` (one fp32 product per element)."""
+    values = jax.lax.bitcast_convert_type(codes, jnp.float8_e4m3fn).astype(jnp.float32)
+    return (values.reshape(*scales.shape, BLOCK) * scales[..., None]).reshape(codes.shape)
+
+
+def _check_rows_fp8(x_fp8: object, num_tokens: int, d_model: int) -> tuple[jax.Array, jax.Array]:
+    if not isinstance(x_fp8, (tuple, list)) or len(x_fp8) != 2:
+        raise TypeError("x_fp8: expected a pair (codes, scales), e.g. from quantize_rows")
+    codes, scales = x_fp8
+    expected = ((num_tokens, d_model), (num_tokens, d_model // BLOCK))
+    for name, a, dtypes, shape in (
+        ("x_fp8[0]", codes, (jnp.dtype(jnp.uint8), jnp.dtype(jnp.float8_e4m3fn)), expected[0]),
+        ("x_fp8[1]", scales, (jnp.dtype(jnp.float32),), expected[1]),
+    ):
+        _check(name, a, 2, dtypes)
+        if tuple(a.shape) != shape:
+            raise ValueError(f"{name}: expected shape {shape} (from x's), got {tuple(a.shape)}")
+    codes = jnp.asarray(codes)
+    if codes.dtype != jnp.uint8:
+        codes = jax.lax.bitcast_convert_type(codes, jnp.uint8)
+    return jax.lax.stop_gradient(codes), jax.lax.stop_gradient(jnp.asarray(scales))
 
 
 def _check_quantized(quantized: object, w1: jax.Array, w2: jax.Array) -> tuple[tuple[jax.Array, ...], ...]:

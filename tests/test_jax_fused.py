@@ -360,6 +360,51 @@ def test_bad_quantized_weights():
         jax_bridge.quantize_weight(w1[:, :100])
 
 
+def test_prequantized_rows_x_fp8_match_the_torch_block_and_quantizing_in_the_block():
+    """``quantize_rows`` gives torch's ``quantize_rowwise`` bits (``dequantize_rows`` its dequantization), and
+    ``fused_experts(x_fp8=quantize_rows(x))`` gives, under jit and grad, the bits of quantizing x in the block
+    (the rows' 1x128 tiles are the same) and of the torch block with ``x_fp8=``; the inference path too."""
+    from fp8moe.quant.reference import dequantize_rowwise, quantize_rowwise
+
+    x, w1, w2, ids, c, dy = problem(21)
+    to_torch = torch.from_dlpack
+    x = x.astype(BF16)
+    codes, scales = jax_bridge.quantize_rows(x)
+    assert codes.dtype == jnp.uint8 and scales.shape == (T, D // 128)
+    codes_t, scales_t = quantize_rowwise(to_torch(x))
+    assert torch.equal(to_torch(codes), codes_t.view(torch.uint8)) and torch.equal(to_torch(scales), scales_t)
+    assert torch.equal(to_torch(jax_bridge.dequantize_rows(codes, scales)), dequantize_rowwise(codes_t, scales_t))
+
+    def loss(x, w1, w2, c, x_fp8):
+        y = jax_bridge.fused_experts(x, w1, w2, ids, c, backend="reference", x_fp8=x_fp8)
+        return jnp.vdot(y.astype(F32), dy.astype(F32)), y
+
+    step = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
+    own, given = step(x, w1, w2, c, None), step(x, w1, w2, c, (codes, scales))
+    for a, b in zip(jax.tree_util.tree_leaves(own), jax.tree_util.tree_leaves(given)):
+        assert same(a, to_torch(b))
+    as_fp8 = (jax.lax.bitcast_convert_type(codes, jnp.float8_e4m3fn), scales)  # e4m3 arrays are taken too
+    forward = jax.jit(lambda x, q: jax_bridge.fused_experts(x, w1, w2, ids, c, backend="reference", x_fp8=q))
+    assert same(forward(x, as_fp8), to_torch(own[1]))
+    y_t = torch_fused_experts(
+        to_torch(x),
+        to_torch(w1),
+        to_torch(w2),
+        to_torch(ids),
+        to_torch(c),
+        backend="reference",
+        x_fp8=(codes_t, scales_t),
+    )
+    assert same(own[1], y_t)  # x bf16: y bf16 in both
+    call = functools.partial(jax_bridge.fused_experts, x, w1, w2, ids, c, backend="reference")
+    with pytest.raises(ValueError, match="x_fp8: pre-quantized rows need precision='fp8'"):
+        call(precision="bf16", x_fp8=(codes, scales))
+    with pytest.raises(ValueError, match=r"x_fp8\[1\]: expected shape \(40, 2\)"):
+        call(x_fp8=(codes, scales[:, :1]))
+    with pytest.raises(TypeError, match="x_fp8: expected a pair"):
+        call(x_fp8=codes)
+
+
 def _gpu_cases() -> list[tuple[str, str]]:
     if GPU is None:
         return [("fp8", "none")]
