@@ -4,9 +4,16 @@ Each rank holds a shard of the tokens (concatenated in rank order they are the b
 experts, sliced from the weights of a single-process ``MoE(fused=True)`` holding all E; the single-process
 layer runs the whole batch in bf16 (the dispatch dtype). Checked (see :mod:`fp8moe.moe.parallel`):
 
-- bit-exactly: the local experts' weight gradients; y and dx of every token whose experts all live on one
-  rank; global expert counts;
-- to bf16 rounding of the per-rank partial sums: y and dx of the tokens whose experts are split over ranks;
+- bit-exactly: the local experts' weight gradients; global expert counts; y and dx of every token whose
+  per-rank-then-rank-order sum associates like the single-process slot-order sum (:func:`_same_sum_tree`):
+  with fp32 partials (``ep_partials="fp32"``, the default) every token at top_k <= 2, at top_k = 3 those
+  whose slots 0 and 1 live on one rank or slot 2 on a later rank than both;
+- the other tokens at top_k = 3 (fp32 partials): within one bf16 ulp (rtol 2^-7) plus 2^-16 of the largest
+  value (the fp32 sums differ in the last bits, the one rounding to bf16 may then differ by one ulp);
+- ``ep_partials="bf16"``: y of tokens whose experts all live on one rank bit-exactly, of split ones to bf16
+  rounding of the partials; dx bit-exactly where no rank holds some but not all of a token's slots (a
+  one-slot partial dx is a bf16 GEMM row: every token at top_k <= 2); the rest as with fp32 partials; it
+  sends 2D bytes less per returned pair row, in each direction;
 - to fp32 rounding: the router gradient summed over the ranks, the mean of the ranks' aux losses;
 - FP8 dispatch against bf16 dispatch on the same weights: y, dx, ``w_down``'s and the router's gradients
   bit-exactly, ``w_gate_up``'s gradient (its token tiles are a second quantization) by SQNR >= 35 dB; and
@@ -29,6 +36,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fp8moe.moe import MoE
+from fp8moe.moe.routing import route
 from fp8moe.moe.parallel import (
     expert_data_parallel_groups,
     gather_expert_state_dict,
@@ -103,19 +111,24 @@ def _check_case(case, group, rank, ep):
     logits = x_full.float() @ picked.T
     if routing == "one_rank":
         assert bool((logits.softmax(-1).topk(K).indices >= (ep - 1) * el).all()), "one_rank: not what the case means"
-    # Tokens whose experts all live on one rank: bit-identical. Split ones: bf16 rounding of the partials.
-    scores = logits.sigmoid() + ref.expert_bias if routing == "sigmoid" else logits.softmax(-1)
-    owner = scores.topk(ref.top_k).indices[shard] // el
+    with torch.no_grad():  # the layer's own routing: its slot order
+        owner = route(x_full, ref.router.weight, ref.top_k, score=ref.score, bias=ref.expert_bias).experts // el
+    owner = owner[shard]
     whole = (owner == owner[:, :1]).all(1)
+    exact = torch.tensor([_same_sum_tree(row) for row in owner.tolist()], dtype=torch.bool)
     if routing == "one_rank":
         assert bool(whole.all())
     elif routing in ("balanced", "skewed"):
         assert 0 < int(whole.sum()) < whole.numel(), "the case should hold whole and split tokens"
+    if ref.top_k <= 2:
+        assert bool(exact.all())
+    else:  # top_k = 3: the case holds split tokens of both kinds
+        assert 0 < int((exact & ~whole).sum()) and 0 < int((~exact).sum()), "k3: not what the case means"
     for name, got, want in (("y", y, y_ref[shard]), ("dx", x.grad, xr.grad[shard])):
         assert got.dtype == want.dtype == BF16
-        assert torch.equal(got[whole], want[whole]), f"{name} differs on tokens held by one rank"
+        assert torch.equal(got[exact], want[exact]), f"{name} differs on tokens summed in the same order"
         scale = want.float().abs().amax().item() if want.numel() else 0.0
-        torch.testing.assert_close(got[~whole].float(), want[~whole].float(), rtol=2**-7, atol=2**-7 * scale)
+        torch.testing.assert_close(got[~exact].float(), want[~exact].float(), rtol=2**-7, atol=2**-16 * scale)
     assert torch.equal(layer.w_gate_up.grad, ref.w_gate_up.grad[experts]), "dw_gate_up differs"
     assert torch.equal(layer.w_down.grad, ref.w_down.grad[experts]), "dw_down differs"
     router_grad = layer.router.weight.grad.clone()
@@ -128,6 +141,36 @@ def _check_case(case, group, rank, ep):
         torch.testing.assert_close(mean_aux / ep, aux_ref.detach(), rtol=1e-6, atol=1e-7)
     if routing == "sigmoid":
         assert torch.equal(layer.last_expert_counts, ref.last_expert_counts), "global counts differ"
+
+    # ep_partials="bf16": the partials (and the partial dx) rounded to bf16 before they travel back; the bytes
+    # of both settings, per direction
+    records, runs = {}, {}
+    for partials in ("bf16", "fp32"):
+        other = _ep_layer(ref, group, rank, ep, fp8_dispatch=False, ep_partials=partials)
+        x_other = x_full[shard].clone().requires_grad_()
+        with record_all_to_all() as fwd:
+            y_other, aux_other = other(x_other)
+        with record_all_to_all() as bwd:
+            ((y_other.float() * grad_y[shard].float()).sum() + share * aux_other).backward()
+        records[partials], runs[partials] = (fwd, bwd), (y_other, x_other.grad, other)
+    y16, dx16, half = runs["bf16"]
+    # a rank's partial dx of one slot is a bf16 GEMM row (its bf16 rounding is exact): dx is exact wherever
+    # the sums associate alike and no rank holds some but not all of a token's slots (every token at top_k 2)
+    slots = (owner[:, :, None] == torch.arange(ep)).sum(1)
+    single = exact & (whole | (slots <= 1).all(1))
+    for name, got, want, same in (("y", y16, y_ref[shard], whole), ("dx", dx16, xr.grad[shard], single)):
+        assert torch.equal(got[same], want[same]), f"bf16 partials: {name} differs on tokens it rounds exactly"
+        scale = want.float().abs().amax().item() if want.numel() else 0.0
+        torch.testing.assert_close(got[~whole].float(), want[~whole].float(), rtol=2**-7, atol=2**-7 * scale)
+    assert torch.equal(half.w_gate_up.grad, layer.w_gate_up.grad) and torch.equal(half.w_down.grad, layer.w_down.grad)
+    assert torch.equal(runs["fp32"][0], y) and torch.equal(runs["fp32"][1], x.grad)  # the default: fp32
+    (fwd16, bwd16), (fwd32, bwd32) = records["bf16"], records["fp32"]
+    assert fwd32.dtypes == ["int64", "float32", "bfloat16", "float32"]  # ids, c, rows; the partials back
+    assert fwd16.dtypes == ["int64", "float32", "bfloat16", "bfloat16"]
+    assert sorted(bwd32.dtypes) == ["bfloat16", "float32", "float32"]  # dy; the partial dx and dc back
+    assert sorted(bwd16.dtypes) == ["bfloat16", "bfloat16", "float32"]
+    saved = fwd32.total_bytes - fwd16.total_bytes  # 2D bytes per pair row returned to another rank
+    assert saved == bwd32.total_bytes - bwd16.total_bytes == fwd32.bytes_sent[-1] // 2
 
     if ref.precision == "fp8":  # FP8 dispatch against bf16 dispatch, same weights
         fp8_layer = _ep_layer(ref, group, rank, ep)
@@ -159,6 +202,23 @@ def _check_case(case, group, rank, ep):
             assert sent[0] < sent[1], f"FP8 dispatch sent {sent.tolist()} bytes"
 
 
+def _same_sum_tree(owners):
+    """Whether the EP layer sums a token's k terms (slot j on rank ``owners[j]``) in an order that gives the
+    single-process bits: each rank adds its slots in slot order, the source adds the ranks' partials in rank
+    order, the single-process block adds the k slots in slot order; all in fp32 from +0 (adding +0 or a
+    term routed elsewhere changes nothing). fp32 addition is commutative, not associative: the bits are the
+    same when the two addition trees are, up to the order of each addition's operands."""
+
+    def fold(terms):
+        tree = terms[0]
+        for term in terms[1:]:
+            tree = frozenset((tree, term))
+        return tree
+
+    per_rank = [fold([j for j, o in enumerate(owners) if o == r]) for r in sorted(set(owners))]
+    return fold(per_rank) == fold(list(range(len(owners))))
+
+
 def _check_bad_configs(group, ep):
     with pytest.raises(ValueError, match="num_experts"):
         MoE(D, FF, 4 * ep + 1, K, ep_group=group)
@@ -170,6 +230,10 @@ def _check_bad_configs(group, ep):
         MoE(D, FF, E, K, fp8_dispatch=True)
     with pytest.raises(TypeError, match="ep_group"):
         MoE(D, FF, E, K, ep_group="ep")
+    with pytest.raises(ValueError, match="ep_partials"):
+        MoE(D, FF, E, K, ep_group=group, ep_partials="fp16")
+    with pytest.raises(ValueError, match="ep_partials"):
+        MoE(D, FF, E, K, ep_partials="bf16")
     with pytest.raises(ValueError, match="ep_rank"):
         shard_expert_state_dict(_layer("bf16").state_dict(), ep, ep)
     with pytest.raises(ValueError, match="not divisible"):
@@ -177,8 +241,11 @@ def _check_bad_configs(group, ep):
 
 
 def _check_group_mismatch(group, rank, ep):
-    """Ranks whose layers differ (here: FP8 dispatch on rank 0 only) fail with a ValueError on every rank."""
+    """Ranks whose layers differ (FP8 dispatch, or bf16 partials, on rank 0 only) fail with a ValueError on every rank."""
     layer = _layer("fp8", ep_group=group, fp8_dispatch=rank == 0)
+    with pytest.raises(ValueError, match="differs from this rank"):
+        layer(torch.randn(4, D))
+    layer = _layer("fp8", ep_group=group, ep_partials="bf16" if rank == 0 else "fp32")
     with pytest.raises(ValueError, match="differs from this rank"):
         layer(torch.randn(4, D))
 
@@ -210,7 +277,7 @@ def _check_ep_x_dp(rank, world):
     layer = _ep_layer(ref, ep_group, ep_rank, 2, fp8_dispatch=False)
     shard = slice(ep_rank * N, (ep_rank + 1) * N)
     x, y, _ = _run(layer, x_full[shard], grad_y[shard], 0.5)
-    torch.testing.assert_close(y.float(), y_ref[shard].float(), rtol=2**-7, atol=1e-2)
+    assert torch.equal(y, y_ref[shard]) and torch.equal(x.grad, xr.grad[shard])  # top_k = 2, fp32 partials
     el = E // 2
     assert torch.equal(layer.w_down.grad, ref.w_down.grad[ep_rank * el : (ep_rank + 1) * el])
 

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from fp8moe.autograd import grouped_mm
 from fp8moe.backends import BACKEND_NAMES
 from fp8moe.moe.fused import PRECISIONS, fused_experts
-from fp8moe.moe.parallel import GlobalCounts, expert_parallel_experts, group_size_and_rank
+from fp8moe.moe.parallel import EP_PARTIALS, GlobalCounts, expert_parallel_experts, group_size_and_rank
 from fp8moe.moe.routing import SCORES, Routing, plan_routing, route
 from fp8moe.recipe import BLOCK
 
@@ -77,6 +77,11 @@ class MoE(nn.Module):
             quantized 1x128 (e4m3 codes + fp32 scales, ~half of bf16's bytes) instead of bf16; the forward
             is bit-identical, ``w_gate_up``'s gradient is built from the dequantized rows (see
             :mod:`fp8moe.moe.parallel`). None (default): on with ``precision="fp8"`` under ``ep_group``.
+        ep_partials: under ``ep_group``, the dtype in which each rank's partial outputs (forward) and the
+            partial gradients of the rows it received (backward) travel back to the tokens' ranks: "fp32"
+            (default: y and dx bit-identical to the single-process layer for top_k <= 2, see
+            :mod:`fp8moe.moe.parallel`) or "bf16" (half of those bytes, 2D instead of 4D per pair and
+            direction; the partials rounded to bf16 before the sum). "bf16" without ``ep_group``: ValueError.
 
     Parameters: ``router.weight`` (E, D), ``w_gate_up`` (E, 2F, D) (rows [:F] gate, [F:] up), ``w_down``
     (E, D, F) (El under EP), fp32, initialised N(0, 1/fan_in) (router N(0, 0.02^2)).
@@ -95,6 +100,7 @@ class MoE(nn.Module):
         score: str = "softmax",
         ep_group: object | None = None,
         fp8_dispatch: bool | None = None,
+        ep_partials: str = "fp32",
     ) -> None:
         super().__init__()
         d_model, d_ff, num_experts, top_k = (
@@ -128,11 +134,17 @@ class MoE(nn.Module):
                 raise ValueError(
                     "fused: under ep_group the local experts run the fused block; leave fused None or True"
                 )
+        if not isinstance(ep_partials, str):
+            raise TypeError(f"ep_partials: expected a str, got {type(ep_partials).__name__} {ep_partials!r}")
+        if ep_partials not in EP_PARTIALS:
+            raise ValueError(f"ep_partials: expected one of {EP_PARTIALS}, got {ep_partials!r}")
+        if ep_partials != "fp32" and ep_group is None:
+            raise ValueError("ep_partials: needs ep_group (it is the dtype of the partials sent back)")
         if fp8_dispatch and (ep_group is None or precision != "fp8"):
             raise ValueError("fp8_dispatch: needs ep_group and precision='fp8'")
         fused = True if fused is None else fused
         fp8_dispatch = ep_group is not None and precision == "fp8" if fp8_dispatch is None else fp8_dispatch
-        self.fp8_dispatch = fp8_dispatch
+        self.fp8_dispatch, self.ep_partials = fp8_dispatch, ep_partials
         self.ep_group, self.ep_size, self.ep_rank = ep_group, ep_size, ep_rank
         self.num_local_experts = num_experts // ep_size
         self.d_model, self.d_ff, self.num_experts, self.top_k = d_model, d_ff, num_experts, top_k
@@ -155,7 +167,8 @@ class MoE(nn.Module):
             f"d_model={self.d_model}, d_ff={self.d_ff}, num_experts={self.num_experts}, top_k={self.top_k}, "
             f"precision={self.precision!r}, backend={self.backend!r}, fused={self.fused}, score={self.score!r}"
             + (
-                f", ep_size={self.ep_size}, ep_rank={self.ep_rank}, fp8_dispatch={self.fp8_dispatch}"
+                f", ep_size={self.ep_size}, ep_rank={self.ep_rank}, fp8_dispatch={self.fp8_dispatch}, "
+                f"ep_partials={self.ep_partials!r}"
                 if self.ep_group is not None
                 else ""
             )

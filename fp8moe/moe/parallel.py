@@ -89,6 +89,7 @@ from fp8moe.recipe import FP8_DTYPE
 if TYPE_CHECKING:
     from fp8moe.moe.layer import MoE
 
+EP_PARTIALS = ("fp32", "bf16")  # MoE(ep_partials=...): the dtype of the partial outputs and partial dx sent back
 EXPERT_KEYS = ("w_gate_up", "w_down")  # the state-dict entries sharded over the EP group (dim 0: experts)
 
 
@@ -189,26 +190,6 @@ def all_to_all(x: Tensor, out_splits: list[int], in_splits: list[int], group: di
     return _AllToAll.apply(x, out_splits, in_splits, group)
 
 
-class _Fp8Dispatch(torch.autograd.Function):
-    """FP8 dispatch: bf16 rows (n, D) quantized 1x128, sent as e4m3 codes (uint8 on the wire) + fp32 scales.
-
-    Returns (values (m, D) fp32: the received codes dequantized, differentiable; codes (m, D) e4m3; scales
-    (m, D/128) fp32). The backward sends the values' gradient back in bf16 (the reverse all-to-all)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, out_splits: list[int], in_splits: list[int], group: dist.ProcessGroup):
-        ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
-        codes, scales = quantize_rowwise(x)
-        codes = _exchange(codes.view(torch.uint8), out_splits, in_splits, group).view(FP8_DTYPE)
-        scales = _exchange(scales, out_splits, in_splits, group)
-        ctx.mark_non_differentiable(codes, scales)
-        return dequantize_rowwise(codes, scales), codes, scales
-
-    @staticmethod
-    def backward(ctx, grad: Tensor, _codes, _scales) -> tuple[Tensor, None, None, None]:
-        return _exchange(grad.to(torch.bfloat16), ctx.in_splits, ctx.out_splits, ctx.group), None, None, None
-
-
 def pad_fp8_rows(codes: Tensor, scales: Tensor, plan: RoutingPlan) -> tuple[Tensor, Tensor]:
     """Pre-quantized rows (T, D) e4m3 + (T, D/128) fp32 -> GEMM1's rows operand on ``plan``'s padded layout:
     ``(Mp, D)`` e4m3 and ``(D/128, Mp)`` fp32, zero on padding: the bits the fused block writes when it
@@ -229,8 +210,8 @@ def pad_fp8_rows(codes: Tensor, scales: Tensor, plan: RoutingPlan) -> tuple[Tens
 
 
 def _sum_pairs(rows: Tensor, pos: Tensor) -> Tensor:
-    """rows (P, C) -> (T, C) fp32: ``out[t] = sum_r rows[pos[r, t]]`` over the ranks r in order (pos ==
-    P: no such pair)."""
+    """rows (P, C) -> (T, C) fp32: ``out[t] = sum_r rows[pos[r, t]]`` over the ranks r in order, from +0 (pos
+    == P: no such pair, +0 added, which changes no sum)."""
     out = rows.new_zeros(pos.shape[1], rows.shape[1], dtype=torch.float32)
     if rows.shape[0] == 0:
         return out
@@ -258,20 +239,68 @@ class _GatherPairs(torch.autograd.Function):
         return _sum_pairs(grad, pos).to(ctx.dtype), None, None
 
 
-class _SumPairs(torch.autograd.Function):
-    """partials (P, C) -> (T, C) fp32, each token's partials summed in rank order. Backward: dy of each
-    pair's token, in the partials' dtype."""
+@dataclass(frozen=True)
+class _Pairs:
+    """This call's pairs and exchange sizes: ``pair_token`` (P,) the token of each pair in the send buffer,
+    ``pos`` (ep, T) each (rank, token) pair's row in it (P: none), the split sizes of the dispatch
+    (``in_splits`` sent to each rank, ``out_splits`` received from each), the group."""
+
+    pair_token: Tensor
+    pos: Tensor
+    in_splits: list[int]
+    out_splits: list[int]
+    group: dist.ProcessGroup
+
+
+class _Dispatch(torch.autograd.Function):
+    """tokens (T, D) -> the received rows (m, D) **fp32** (their bf16 values, or with FP8 dispatch the
+    codes decoded) and, with FP8 dispatch, the codes (m, D) e4m3 and scales (m, D/128) fp32 (else None).
+
+    Forward: each pair's token row rounded to bf16 and sent as bf16, or quantized 1x128
+    (:func:`quantize_rowwise`) and sent as codes (uint8 on the wire) + scales. Backward: the rows' gradient
+    (the partial dx of each pair, fp32 from the fused block) travels back in ``grad_wire`` (fp32: exact; bf16:
+    half the bytes), straight through the wire's rounding; the source sums each token's pair gradients in
+    fp32 in rank order (:func:`_sum_pairs`) and casts the sum once to the tokens' dtype."""
 
     @staticmethod
-    def forward(ctx, partials: Tensor, pair_token: Tensor, pos: Tensor) -> Tensor:
-        ctx.save_for_backward(pair_token)
-        ctx.dtype = partials.dtype
-        return _sum_pairs(partials, pos)
+    def forward(ctx, tokens: Tensor, pairs: _Pairs, fp8: bool, grad_wire: torch.dtype):
+        ctx.pairs, ctx.grad_wire, ctx.dtype = pairs, grad_wire, tokens.dtype
+        rows = tokens.index_select(0, pairs.pair_token).to(torch.bfloat16)
+        args = (pairs.out_splits, pairs.in_splits, pairs.group)
+        if not fp8:
+            return _exchange(rows, *args).float(), None, None
+        codes, scales = quantize_rowwise(rows)
+        codes = _exchange(codes.view(torch.uint8), *args).view(FP8_DTYPE)
+        scales = _exchange(scales, *args)
+        ctx.mark_non_differentiable(codes, scales)
+        return dequantize_rowwise(codes, scales), codes, scales
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
-        (pair_token,) = ctx.saved_tensors
-        return grad.index_select(0, pair_token).to(ctx.dtype), None, None
+    def backward(ctx, grad: Tensor, _codes, _scales) -> tuple[Tensor, None, None, None]:
+        pairs = ctx.pairs
+        back = _exchange(grad.to(ctx.grad_wire), pairs.in_splits, pairs.out_splits, pairs.group)
+        return _sum_pairs(back, pairs.pos).to(ctx.dtype), None, None, None
+
+
+class _Return(torch.autograd.Function):
+    """The fused block's partial outputs (m, D) fp32, one per received pair -> (T, D) in ``out_dtype``.
+
+    Forward: the partials travel back in ``wire`` (fp32: exact; bf16: rounded, half the bytes); the source
+    sums each token's partials in fp32 in rank order and casts the sum once to ``out_dtype``. Backward: dy of
+    each pair's token travels to the experts in ``grad_wire`` (bf16 when dy is bf16: exact) and enters the
+    block in fp32."""
+
+    @staticmethod
+    def forward(ctx, partials: Tensor, pairs: _Pairs, wire: torch.dtype, grad_wire: torch.dtype, out_dtype):
+        ctx.pairs, ctx.grad_wire, ctx.dtype = pairs, grad_wire, partials.dtype
+        back = _exchange(partials.to(wire), pairs.in_splits, pairs.out_splits, pairs.group)
+        return _sum_pairs(back, pairs.pos).to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor) -> tuple[Tensor, None, None, None, None]:
+        pairs = ctx.pairs
+        rows = dy.index_select(0, pairs.pair_token).to(ctx.grad_wire)
+        return _exchange(rows, pairs.out_splits, pairs.in_splits, pairs.group).to(ctx.dtype), None, None, None, None
 
 
 class GlobalCounts:
@@ -291,7 +320,7 @@ class GlobalCounts:
 def _fingerprint(layer: MoE) -> list[int]:
     """What every rank's layer must agree on (checked in the counts exchange)."""
     return [layer.num_experts, layer.top_k, layer.d_model, layer.d_ff, ("bf16", "fp8").index(layer.precision),
-            int(layer.fp8_dispatch), layer.ep_size]  # fmt: skip
+            int(layer.fp8_dispatch), layer.ep_size, EP_PARTIALS.index(layer.ep_partials)]  # fmt: skip
 
 
 def expert_parallel_experts(layer: MoE, tokens: Tensor, routing: Routing) -> Tensor:
@@ -316,7 +345,8 @@ def expert_parallel_experts(layer: MoE, tokens: Tensor, routing: Routing) -> Ten
         if row[1:] != both[0][0][1:]:
             raise ValueError(
                 f"ep_group: the layer of EP rank {rank} differs from this rank's ({layer.ep_rank}): (num_experts, "
-                f"top_k, d_model, d_ff, precision, fp8_dispatch, ep_size) = {tuple(row[1:])} vs {tuple(both[0][0][1:])}"
+                f"top_k, d_model, d_ff, precision, fp8_dispatch, ep_size, ep_partials) = {tuple(row[1:])} vs "
+                f"{tuple(both[0][0][1:])}"
             )
     num_pairs = sum(in_splits)
 
@@ -329,18 +359,20 @@ def expert_parallel_experts(layer: MoE, tokens: Tensor, routing: Routing) -> Ten
     pair_token, pair_rank = pair_flat % max(num_tokens, 1), pair_flat // max(num_tokens, 1)
     pos = pos_flat.view(ep, num_tokens)
 
+    pairs = _Pairs(pair_token, pos, in_splits, out_splits, group)
+
     pair_experts = experts.index_select(0, pair_token)
     local_ids = torch.where(pair_experts // num_local == pair_rank[:, None], pair_experts % num_local, -1)
     pair_combine = _GatherPairs.apply(routing.combine, pair_token, pos)
-    pair_x = _GatherPairs.apply(tokens.to(torch.bfloat16), pair_token, pos)
-
     recv_ids = _exchange(local_ids, out_splits, in_splits, group)
     recv_combine = all_to_all(pair_combine, out_splits, in_splits, group)
-    if layer.fp8_dispatch:
-        recv_x, codes, scales = _Fp8Dispatch.apply(pair_x, out_splits, in_splits, group)
-        x_fp8 = (codes, scales)
-    else:
-        recv_x, x_fp8 = all_to_all(pair_x, out_splits, in_splits, group), None
+
+    # The rows enter the fused block in fp32 (their bf16 values, or the FP8 codes decoded: exact), so that its
+    # partial outputs and its dx come out in fp32, unrounded; they travel back in the ep_partials dtype.
+    wire = torch.float32 if layer.ep_partials == "fp32" else torch.bfloat16
+    out_dtype = tokens.dtype
+    dy_wire = torch.bfloat16 if out_dtype == torch.bfloat16 else wire  # dy of a bf16 y holds bf16 values
+    recv_x, codes, scales = _Dispatch.apply(tokens, pairs, layer.fp8_dispatch, wire)
     partials = fused_experts(
         recv_x,
         layer.w_gate_up,
@@ -349,10 +381,9 @@ def expert_parallel_experts(layer: MoE, tokens: Tensor, routing: Routing) -> Ten
         recv_combine,
         backend=layer.backend,
         precision=layer.precision,
-        x_fp8=x_fp8,
+        x_fp8=(codes, scales) if layer.fp8_dispatch else None,
     )
-    returned = all_to_all(partials.to(torch.bfloat16), in_splits, out_splits, group)
-    return _SumPairs.apply(returned, pair_token, pos).to(tokens.dtype)
+    return _Return.apply(partials, pairs, wire, dy_wire, out_dtype)
 
 
 # ------------------------------------------------------------------------------------ EP x DP, checkpoints
@@ -421,6 +452,7 @@ def gather_expert_state_dict(state_dict: dict[str, Tensor], group: dist.ProcessG
 
 __all__ = [
     "AllToAllRecord",
+    "EP_PARTIALS",
     "EXPERT_KEYS",
     "GlobalCounts",
     "all_to_all",
