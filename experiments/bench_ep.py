@@ -7,8 +7,12 @@ launch, each rank with its own ``--tokens`` tokens and E / world experts, and re
   each call), and tokens/s of the whole group (``world * tokens / max over ranks of the layer time``);
 - all-to-all ms and MB: one more call with every all-to-all recorded (:func:`fp8moe.moe.parallel.
   record_all_to_all`: synchronised before and after each, so the sum is the time spent in them, not hidden
-  behind compute), the bytes this rank sent to the other ranks and its whole send buffers (its own rows
-  too: at EP=1 the bytes the dispatch would move), forward and backward;
+  behind compute), the bytes this rank sent to the other ranks, forward and backward separately (forward:
+  rows, ids, combine weights out and the partials back; backward: dy out, the partial dx and the combine
+  weights' gradients back), and its whole send buffers (its own rows too: at EP=1 the bytes the dispatch
+  would move);
+- per dispatch (bf16, FP8) and per ``--partials`` setting (``MoE(ep_partials=...)``: fp32, the default and
+  exact, or bf16, 2D bytes less per returned row in each direction);
 - the same layer on one device (``MoE(fused=True)`` holding all E experts, the rank's tokens, no
   communication; rank 0): what EP costs or gains against it.
 
@@ -36,7 +40,7 @@ import torch.distributed as dist
 
 from fp8moe.backends import BACKEND_NAMES
 from fp8moe.moe import MoE
-from fp8moe.moe.parallel import record_all_to_all
+from fp8moe.moe.parallel import EP_PARTIALS, record_all_to_all
 from fp8moe.testing import run_environment
 
 
@@ -49,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=int, default=8)
     parser.add_argument("--precision", choices=("bf16", "fp8"), default="fp8")
     parser.add_argument("--backend", choices=BACKEND_NAMES, default="auto")
+    parser.add_argument(
+        "--partials", nargs="+", choices=EP_PARTIALS, default=list(EP_PARTIALS),
+        help="MoE(ep_partials=...) settings to run: the dtype of the partials and partial dx sent back",
+    )  # fmt: skip
     parser.add_argument("--calls", type=int, default=10, help="timed calls per row")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", type=Path, help="folder for bench_ep.md and bench_ep.json (rank 0)")
@@ -118,30 +126,37 @@ def _run(args: argparse.Namespace, device: torch.device) -> list[dict]:
     rows = []
     dispatches = (False, True) if args.precision == "fp8" else (False,)
     for fp8_dispatch in dispatches:
-        torch.manual_seed(0)
-        layer = MoE(
-            **shape, precision=args.precision, backend=args.backend, ep_group=group, fp8_dispatch=fp8_dispatch
-        ).to(device)
-        ms = _time_layer(layer, x, dy, args.calls, args.warmup, group)
-        with record_all_to_all() as record:
-            layer(x)[0].backward(dy)
-        row = {
-            "rank": rank,
-            "layer": f"EP={world}, {'fp8' if fp8_dispatch else 'bf16'} dispatch",
-            "layer_ms": ms,
-            "all_to_all_ms": record.total_seconds * 1e3,
-            "all_to_all_mb": record.total_bytes / 1e6,
-            "all_to_all_mb_moved": record.total_bytes_moved / 1e6,
-            "all_to_all_calls": len(record.seconds),
-        }
-        rows.append(row)
-        del layer
+        for partials in args.partials:
+            torch.manual_seed(0)
+            layer = MoE(
+                **shape, precision=args.precision, backend=args.backend, ep_group=group, fp8_dispatch=fp8_dispatch,
+                ep_partials=partials,
+            ).to(device)  # fmt: skip
+            ms = _time_layer(layer, x, dy, args.calls, args.warmup, group)
+            with record_all_to_all() as forward:
+                y = layer(x)[0]
+            with record_all_to_all() as backward:
+                y.backward(dy)
+            row = {
+                "rank": rank,
+                "layer": f"EP={world}, {'fp8' if fp8_dispatch else 'bf16'} dispatch, {partials} partials",
+                "layer_ms": ms,
+                "all_to_all_ms": (forward.total_seconds + backward.total_seconds) * 1e3,
+                "all_to_all_mb_fwd": forward.total_bytes / 1e6,
+                "all_to_all_mb_bwd": backward.total_bytes / 1e6,
+                "all_to_all_mb": (forward.total_bytes + backward.total_bytes) / 1e6,
+                "all_to_all_mb_moved": (forward.total_bytes_moved + backward.total_bytes_moved) / 1e6,
+                "all_to_all_calls": len(forward.seconds) + len(backward.seconds),
+            }
+            rows.append(row)
+            del layer, y
     if rank == 0:  # the same layer on one device: all experts, this rank's tokens, no communication
         torch.manual_seed(0)
         single = MoE(**shape, precision=args.precision, backend=args.backend, fused=True).to(device)
         ms = _time_layer(single, x, dy, args.calls, args.warmup, None)
         rows.append({"rank": 0, "layer": "one device (all experts)", "layer_ms": ms, "all_to_all_ms": 0.0,
-                     "all_to_all_mb": 0.0, "all_to_all_mb_moved": 0.0, "all_to_all_calls": 0})  # fmt: skip
+                     "all_to_all_mb_fwd": 0.0, "all_to_all_mb_bwd": 0.0, "all_to_all_mb": 0.0,
+                     "all_to_all_mb_moved": 0.0, "all_to_all_calls": 0})  # fmt: skip
     gathered: list = [None] * world
     dist.all_gather_object(gathered, rows, group=group)
     all_rows = [row for part in gathered for row in part]
@@ -161,13 +176,14 @@ def report(args: argparse.Namespace, world: int, rows: list[dict], device: torch
         f"top_k={args.top_k}, precision {args.precision}, backend {args.backend}, device {env.get('device', device)}, "
         f"commit {env.get('commit', '?')}, {env.get('date', '')}"
     )
-    columns = ["layer", "rank", "layer ms (fwd+bwd)", "all-to-all ms", "all-to-all MB to other ranks"]
+    columns = ["layer", "rank", "layer ms (fwd+bwd)", "all-to-all ms", "MB to other ranks: fwd", "bwd", "total"]
     columns += ["all-to-all MB (own rows too)", "tokens/s (group)"]
     lines = [header, "", "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     for row in sorted(rows, key=lambda r: (r["layer"], r["rank"])):
         lines.append(
             f"| {row['layer']} | {row['rank']} | {row['layer_ms']:.2f} | {row['all_to_all_ms']:.2f} | "
-            f"{row['all_to_all_mb']:.3f} | {row['all_to_all_mb_moved']:.3f} | {row['tokens_per_s']:,.0f} |"
+            f"{row['all_to_all_mb_fwd']:.3f} | {row['all_to_all_mb_bwd']:.3f} | {row['all_to_all_mb']:.3f} | "
+            f"{row['all_to_all_mb_moved']:.3f} | {row['tokens_per_s']:,.0f} |"
         )
     text = "\n".join(lines)
     print(text)

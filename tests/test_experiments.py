@@ -620,18 +620,26 @@ def test_fused_bf16_layer_is_emulated_on_cpu():
 
 def test_bench_ep_runs_ep1_through_the_ep_path(tmp_path, capsys):
     """One process: bench_ep starts a group of one (EP=1, the same code path as under torchrun) and reports
-    bf16 and FP8 dispatch and the one-device layer; FP8 dispatch moves fewer bytes."""
+    bf16 and FP8 dispatch with fp32 and bf16 partials, and the one-device layer, bytes per direction; FP8
+    dispatch moves fewer bytes, and bf16 partials 2D bytes less per row in each direction."""
     from experiments import bench_ep
 
     argv = ["--tokens", "32", "--d-model", "128", "--d-ff", "128", "--experts", "4", "--top-k", "2"]
     rows = bench_ep.main([*argv, "--backend", "reference", "--calls", "1", "--warmup", "0", "--out", str(tmp_path)])
     assert not torch.distributed.is_initialized()  # the group it started is gone
     by_layer = {row["layer"]: row for row in rows}
-    assert set(by_layer) == {"EP=1, bf16 dispatch", "EP=1, fp8 dispatch", "one device (all experts)"}
-    bf16, fp8 = by_layer["EP=1, bf16 dispatch"], by_layer["EP=1, fp8 dispatch"]
+    ep_layers = {f"EP=1, {d} dispatch, {p} partials" for d in ("bf16", "fp8") for p in ("fp32", "bf16")}
+    assert set(by_layer) == ep_layers | {"one device (all experts)"}
+    bf16, fp8 = by_layer["EP=1, bf16 dispatch, fp32 partials"], by_layer["EP=1, fp8 dispatch, fp32 partials"]
     assert 0 < fp8["all_to_all_mb_moved"] < bf16["all_to_all_mb_moved"] and bf16["all_to_all_mb"] == 0
+    assert bf16["all_to_all_mb_fwd"] == bf16["all_to_all_mb_bwd"] == 0  # EP=1: nothing to other ranks
+    half = by_layer["EP=1, bf16 dispatch, bf16 partials"]
+    # 32 tokens, each once to the one rank: the partials back (fwd) and the partial dx back (bwd), 2D each
+    saved = bf16["all_to_all_mb_moved"] - half["all_to_all_mb_moved"]
+    assert abs(saved - 2 * 32 * 2 * 128 / 1e6) < 1e-9
     assert all(row["layer_ms"] > 0 and row["tokens_per_s"] > 0 for row in rows)
-    assert "| EP=1, fp8 dispatch | 0 |" in (tmp_path / "bench_ep.md").read_text()
+    text = (tmp_path / "bench_ep.md").read_text()
+    assert "| EP=1, fp8 dispatch, fp32 partials | 0 |" in text and "MB to other ranks: fwd | bwd |" in text
     assert json.loads((tmp_path / "bench_ep.json").read_text())["rows"] == rows
     assert "bench_ep: world 1" in capsys.readouterr().out
 

@@ -36,13 +36,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fp8moe.moe import MoE
-from fp8moe.moe.routing import route
 from fp8moe.moe.parallel import (
     expert_data_parallel_groups,
     gather_expert_state_dict,
     record_all_to_all,
     shard_expert_state_dict,
 )
+from fp8moe.moe.routing import route
 from fp8moe.testing import sqnr_db
 
 D, FF, E, K, N = 128, 128, 8, 2, 24  # N tokens per rank
@@ -241,7 +241,8 @@ def _check_bad_configs(group, ep):
 
 
 def _check_group_mismatch(group, rank, ep):
-    """Ranks whose layers differ (FP8 dispatch, or bf16 partials, on rank 0 only) fail with a ValueError on every rank."""
+    """Ranks whose layers differ (FP8 dispatch, or bf16 partials, on rank 0 only) fail with a ValueError on
+    every rank."""
     layer = _layer("fp8", ep_group=group, fp8_dispatch=rank == 0)
     with pytest.raises(ValueError, match="differs from this rank"):
         layer(torch.randn(4, D))

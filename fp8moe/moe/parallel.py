@@ -15,32 +15,56 @@ parallelism) over the global E experts, then :func:`expert_parallel_experts`:
 3. the rows travel in bf16 (``fp8_dispatch=False``), or as 1x128-quantized e4m3 codes (as uint8: gloo has no
    fp8) plus fp32 scales (**FP8 dispatch**, about half the bytes); ids and combine weights travel with them;
 4. the receiver runs its El experts as the **fused block** (:func:`fp8moe.moe.fused_experts` on the received
-   rows, ids outside ``[0, El)`` routed nowhere): expanded to the pair's local assignments, grouped by local
-   expert (stable: rows from source rank 0 first, then rank 1, ..., i.e. the order of the concatenated token
-   shards), combined on the expert side into **one partial sum per pair** (slot order, fp32, returned in
-   bf16);
-5. the partials travel back (bf16) and the source sums each token's partials in fp32 in rank order (fixed:
-   deterministic), cast to x's dtype.
+   rows fed as fp32 (their bf16 values, or the FP8 codes decoded: exact), ids outside ``[0, El)`` routed
+   nowhere): expanded to the pair's local assignments, grouped by local expert (stable: rows from source
+   rank 0 first, then rank 1, ..., i.e. the order of the concatenated token shards), combined on the expert
+   side into **one partial sum per pair** (slot order, fp32 from +0: the block's y in its x's dtype, fp32,
+   unrounded);
+5. the partials travel back in **fp32** (``MoE(ep_partials="fp32")``, the default; ``"bf16"``: rounded to bf16,
+   half those bytes) and the source sums each token's partials in fp32 in rank order (fixed: deterministic),
+   rounded once to x's dtype.
 
-All the all-to-alls are differentiable (:func:`all_to_all`, an autograd Function over
-``dist.all_to_all_single``: gloo on CPUs, NCCL on GPUs); the backward's all-to-alls carry bf16 (dy to the
-experts, the partial dx back) and the fp32 combine-weight gradients. Gradients of the token rows and combine
-weights of a token's pairs are summed at the source in rank order too.
+All the all-to-alls are differentiable (autograd Functions over ``dist.all_to_all_single``: gloo on CPUs,
+NCCL on GPUs). In the backward, dy travels to the experts in bf16 when x is bf16 (dy of a bf16 y holds bf16
+values: exact; else in fp32, or bf16 with ``ep_partials="bf16"``) and enters the block in fp32; the gradient
+of each received row (the pair's **partial dx**, the block's fp32 sum over the pair's local slots, in slot
+order) travels back in the ``ep_partials`` dtype, straight through the wire's rounding (bf16 or FP8) of the
+forward; the source sums a token's partial dx in fp32 in rank order and casts the sum once to x's dtype. The
+combine weights' gradients travel back in fp32 and are summed the same way (one non-zero term per slot).
+
+**Bytes per pair row** sent to another rank (D columns, k slots; the counts exchange aside): forward 2D
+(bf16 rows) or D + 4D/128 (FP8 dispatch), 12k (int64 ids, fp32 combine weights), 4D back (fp32 partials; 2D
+with ``ep_partials="bf16"``); backward 2D out (dy of a bf16 x; 4D for an fp32 x with fp32 partials) and 4D
+(partial dx; 2D with bf16 partials) + 4k (combine-weight gradients) back. fp32 partials cost 2D more bytes
+per returned row in each direction than bf16 partials: at D = 2048, top_k = 8, 24.7 KB instead of 16.5 KB
+per row over a forward and backward with bf16 dispatch (+50%), 22.7 KB instead of 14.5 KB with FP8 dispatch.
+:func:`record_all_to_all` counts them (``experiments/bench_ep.py`` reports them per direction).
 
 **Local path.** Under EP the local experts always run the fused block (``MoE(fused=None)``, the default,
 resolves to True, as everywhere; ``fused=False`` is a ValueError under ``ep_group``): the partial sums are
 its combine.
 
 **Same results as the single-process layer** (``MoE(fused=True)`` holding all E experts, on the concatenation
-of the ranks' shards, x in bf16 — the dispatch dtype; tested on the reference backend, bf16 and fp8):
+of the ranks' shards, x in bf16 — the dispatch dtype; tested on the reference backend, bf16 and fp8, with
+bf16 and FP8 dispatch):
 
 - the expert weight gradients: bit-identical (every expert sees the same rows in the same order, every
   assignment the same dy); the global expert counts too;
-- y and dx of a token whose k experts all live on one rank: bit-identical (its one partial is the
-  single-process sum, and the source adds it to nothing);
-- y and dx of a token whose experts are split over ranks: each rank's partial is rounded to bf16 before it
-  travels, so they differ from the single-process sum (all k terms in fp32, rounded once) by bf16 rounding
-  of the partials (~2^-8 relative; the summation order itself is rank order, then slot order within a rank);
+- y and dx: the single-process block sums a token's k terms (``c_j * out_j`` for y, the GEMM1 dgrad rows for
+  dx) in fp32 from +0 in slot order j = 0..k-1 and rounds once to x's dtype; the EP layer sums the terms of
+  each rank in slot order (the others are +0, which change no sum), then the ranks' fp32 partials in rank
+  order, and rounds once. The terms are the same bits, and fp32 addition is commutative but not
+  associative, so y and dx are **bit-identical wherever the two addition trees agree up to the order of each
+  addition's operands**: always for ``top_k <= 2`` (at most two non-zero terms: one correctly rounded
+  addition either way), and for any top_k for a token whose experts all live on one rank. At ``top_k = 3`` a
+  split token is bit-identical when its slots 0 and 1 live on one rank or slot 2 on a later rank than both;
+  otherwise (e.g. slot 0 on rank 0, slots 1 and 2 on rank 1: ``p0 + (p1 + p2)`` against ``(p0 + p1) + p2``)
+  the fp32 sums may differ in their last bits and the result by one ulp of x's dtype where they straddle a
+  rounding boundary (tested: within 2^-7 relative plus 2^-16 of the largest value, and bit-identical on the
+  tokens whose trees agree);
+- with ``ep_partials="bf16"``: y of a split token differs by the bf16 rounding of its partials (~2^-8
+  relative); dx is still bit-identical where no rank holds some but not all of the token's slots (a one-slot
+  partial dx is a bf16 GEMM row, exact in bf16: every token at top_k <= 2), else it differs by that rounding;
 - the router gradient: a sum over ranks in another order: fp32 rounding.
 
 **FP8 dispatch** (``MoE(fp8_dispatch=...)``, default on with ``precision="fp8"``): the source quantizes each
@@ -52,7 +76,8 @@ dispatch. GEMM1's weight gradient needs 128x1 tiles *across* tokens, which canno
 they are quantized from the received values dequantized to fp32 (a second quantization, DeepSeek-V3's
 recipe), so ``w_gate_up``'s gradient differs from bf16 dispatch by the noise of one more e4m3 rounding of x
 (~28 dB SQNR between the two; against the same layer with bf16 GEMMs its SQNR drops by ~0.7 dB, tested
-< 1.5 dB); every other output and gradient is bit-identical. The backward's all-to-alls carry bf16 either way.
+< 1.5 dB); every other output and gradient is bit-identical. The backward's all-to-alls are the same either
+way (the rows' gradient goes straight through the FP8 rounding).
 
 **Aux loss** (``aux_loss`` of the layer under EP): ``E * sum_e f_e * P_e`` with ``f_e = C_e / sum(C)``, ``C`` the
 expert counts all-reduced over the group (global counts) and ``P_e`` the mean normalized score of expert e
