@@ -25,44 +25,25 @@ from torch import Tensor
 
 from fp8moe.moe.routing import RoutingPlan
 from fp8moe.plan import GroupLayout
-from fp8moe.recipe import BLOCK, FP8_DTYPE
 
 _Spec = list[tuple[str, list[tuple[tuple[int, ...], torch.dtype]]]]
 
 
-def saved_layout(precision: str, x: Tensor, w1: Tensor, w2: Tensor, num_padded_rows: int, needs) -> _Spec:
-    """What ``fused._block_forward`` saves besides the combine weights (an input), in order: name -> the
+def saved_layout(precision: str, pos: Tensor, w1: Tensor, needs) -> _Spec:
+    """What ``fused._block_forward`` saves besides the combine weights (an input), in order: the layout of
+    :func:`fp8moe.moe.fused.saved_spec` for the plan's ``pos`` (T, k) and ``w1`` (E, 2F, D), as name -> the
     (shape, dtype) of each of its tensors (none: not saved; one: a tensor; two: an FP8 (values, scales) pair)."""
-    need_dx, need_dw1, need_dw2, need_dc = needs
-    need_da = need_dx or need_dw1
-    d_model, (num_experts, two_f, _) = x.shape[1], w1.shape
-    d_ff, mp = two_f // 2, num_padded_rows
+    from fp8moe.moe import fused  # imported here: fused imports this module
 
-    if precision == "fp8":
+    (num_tokens, top_k), (num_experts, two_f, d_model) = pos.shape, w1.shape
+    spec = fused.saved_spec(precision, num_tokens, top_k, num_experts, d_model, two_f // 2, tuple(needs), torch.float32)
 
-        def tiles(cols):  # flat 128x1 token tiles and their (Mp/128, C) scales
-            return [((cols * mp,), FP8_DTYPE), ((mp // BLOCK, cols), torch.float32)]
+    def parts(value) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        if value is None:
+            return []
+        return [tuple(p) for p in ((value,) if isinstance(value, fused.SavedSpec) else value)]
 
-        def transposed(n, k):  # the dgrad operand of a weight (E, N, K): (E, K, N) and its block scales
-            return [((num_experts, k, n), FP8_DTYPE), ((num_experts, k // BLOCK, n // BLOCK), torch.float32)]
-
-    else:
-
-        def tiles(cols):
-            return [((mp, cols), torch.bfloat16)]
-
-        def transposed(n, k):  # the bf16 copy of the weight itself
-            return [((num_experts, n, k), torch.bfloat16)]
-
-    return [
-        ("valid", [((mp,), torch.bool)]),
-        ("x_tiles", tiles(d_model) if need_dw1 else []),
-        ("a_tiles", tiles(d_ff) if need_dw2 else []),
-        ("w1_t", transposed(two_f, d_model) if need_dx else []),
-        ("w2_t", transposed(d_model, d_ff) if need_da else []),
-        ("h", [((mp, two_f), torch.bfloat16)] if need_da else []),
-        ("out", [((mp, d_model), torch.bfloat16)] if need_dc else []),
-    ]
+    return [(name, parts(value)) for name, value in spec.items() if name != "c"]
 
 
 def _plan(offsets: Tensor, plan_data: Tensor, pos: Tensor, row_assignment: Tensor) -> RoutingPlan:
@@ -132,7 +113,7 @@ def fused_experts_op(
         y, saved = fused._block_forward(_gemms(precision, backend), x, w_gate_up, w_down, combine, plan, needs)
     if not any(needs):
         return [y]
-    spec = saved_layout(precision, x, w_gate_up, w_down, row_assignment.shape[0], needs)
+    spec = saved_layout(precision, pos, w_gate_up, needs)
     inputs = (x, w_gate_up, w_down, combine, offsets, plan_data, pos, row_assignment)
     return [y, *_flatten(saved, spec, inputs)]
 
@@ -142,7 +123,7 @@ def _(x, w_gate_up, w_down, combine, offsets, plan_data, pos, row_assignment, pr
     y = x.new_empty(x.shape)
     if not any(needs):
         return [y]
-    spec = saved_layout(precision, x, w_gate_up, w_down, row_assignment.shape[0], needs)
+    spec = saved_layout(precision, pos, w_gate_up, needs)
     return [y, *(x.new_empty(shape, dtype=dtype) for _, parts in spec for shape, dtype in parts)]
 
 
@@ -167,8 +148,7 @@ def fused_experts_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     needs = (need_dx, need_dw1, need_dw2, need_dc)
     plan = _plan(offsets, plan_data, pos, row_assignment)
-    like_x = dy.new_empty((pos.shape[0], dy.shape[1]), dtype=x_dtype)
-    spec = saved_layout(precision, like_x, w_gate_up, w_down, row_assignment.shape[0], needs)
+    spec = saved_layout(precision, pos, w_gate_up, needs)
     dtypes = (x_dtype, w_gate_up.dtype, w_down.dtype, combine.dtype)
     from fp8moe.moe import fused
 
